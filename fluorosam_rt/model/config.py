@@ -1,0 +1,167 @@
+"""Typed architecture configuration.
+
+One dataclass tree describes every model this project builds: the official FluoroSAM Swin-L
+build (checkpoint-compatible key for key) and the project's small real-time model. Training,
+export and the node all build from it, so the model is defined exactly once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class SwinConfig:
+    """mmdet-style Swin Transformer backbone (the official FluoroSAM image backbone)."""
+
+    embed_dims: int = 192
+    depths: tuple[int, ...] = (2, 2, 18, 2)
+    num_heads: tuple[int, ...] = (6, 12, 24, 48)
+    window_size: int = 7
+    mlp_ratio: float = 4.0
+    patch_size: int = 4
+
+
+@dataclass(frozen=True)
+class SamNeckConfig:
+    """EfficientViT SamNeck that fuses the four Swin stages into one embedding."""
+
+    head_width: int = 128
+    head_depth: int = 3
+    expand_ratio: float = 1.0
+
+
+@dataclass(frozen=True)
+class SmallEncoderConfig:
+    """The project's fast convolutional encoder for the embedded real-time model.
+
+    width_mult and depths scale compute; the output grid is img_size // 8 at any input size.
+    """
+
+    widths: tuple[int, ...] = (24, 48, 96, 160)
+    depths: tuple[int, ...] = (1, 2, 3, 2)
+
+
+@dataclass(frozen=True)
+class ImageEncoderConfig:
+    kind: Literal["swin", "small"] = "swin"
+    img_size: int = 448
+    swin: SwinConfig = field(default_factory=SwinConfig)
+    neck: SamNeckConfig = field(default_factory=SamNeckConfig)
+    small: SmallEncoderConfig = field(default_factory=SmallEncoderConfig)
+
+    @property
+    def embedding_size(self) -> int:
+        """Side of the square image-embedding grid."""
+        return 64 if self.kind == "swin" else self.img_size // 8
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """Which text encoder feeds the prompt encoder, and the feature width it produces."""
+
+    kind: Literal["clip", "minilm"] = "clip"
+    feature_dim: int = 512
+    # CLIP ViT-B/32 text tower sizes (official); ignored for MiniLM.
+    width: int = 512
+    layers: int = 12
+    heads: int = 8
+    context_length: int = 77
+    vocab_size: int = 49408
+    # Whether the official checkpoint's dead CLIP visual-tower tensors are kept so that the
+    # official state dict loads strictly with nothing left over.
+    keep_visual_remnants: bool = True
+    visual_width: int = 768
+    visual_patch_size: int = 32
+    visual_resolution: int = 224
+
+
+@dataclass(frozen=True)
+class PromptEncoderConfig:
+    embed_dim: int = 256
+    text_hidden: int = 512
+    use_vq: bool = True
+    codebook_size: int = 8192
+
+
+@dataclass(frozen=True)
+class MaskDecoderConfig:
+    depth: int = 2
+    num_heads: int = 8
+    mlp_dim: int = 2048
+    attention_downsample: int = 2
+    num_multimask_outputs: int = 3
+    iou_head_depth: int = 3
+    iou_head_hidden: int = 256
+    upscale_stages: int = 3  # each stage is a x2 transposed conv; 3 -> x8 (official)
+    num_travel_tokens: int = 4  # official checkpoint carries 4 unused "travel" tokens
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "fluorosam-swin-l"
+    image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    prompt_encoder: PromptEncoderConfig = field(default_factory=PromptEncoderConfig)
+    mask_decoder: MaskDecoderConfig = field(default_factory=MaskDecoderConfig)
+    pixel_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    pixel_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Strict inverse of to_dict: unknown keys raise, tuples are restored."""
+        return _from_dict(cls, d)
+
+
+def _from_dict(cls: type, d: dict[str, Any]) -> Any:
+    import dataclasses
+    import typing
+
+    if not isinstance(d, dict):
+        raise TypeError(f"{cls.__name__}: expected a mapping, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown keys {sorted(unknown)}")
+    kwargs: dict[str, Any] = {}
+    for key, value in d.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _from_dict(hint, value)
+        elif typing.get_origin(hint) is tuple:
+            kwargs[key] = tuple(value)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def official_swin_l() -> ModelConfig:
+    """The released FluoroSAM build: Swin-L 448 px, CLIP ViT-B/32 text, 8192-code VQ."""
+    return ModelConfig()
+
+
+def golden_reduced() -> ModelConfig:
+    """The reduced official build of ../shared/golden (same code paths, smaller sizes)."""
+    return ModelConfig(
+        name="fluorosam-golden-reduced",
+        image_encoder=ImageEncoderConfig(
+            kind="swin",
+            img_size=448,
+            swin=SwinConfig(embed_dims=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8)),
+        ),
+        text=TextConfig(
+            kind="clip",
+            width=64,
+            layers=2,
+            heads=2,
+            visual_width=64,
+            visual_patch_size=4,
+            visual_resolution=4,
+        ),
+        prompt_encoder=PromptEncoderConfig(codebook_size=1024),
+    )

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Create or reuse the project's virtual environment at .venv/ and install everything the
+# node, training and tests need. Idempotent: it reinstalls only when pyproject.toml or
+# constraints.txt changed since the last successful run.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+py="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv with $($py --version)"
+  "$py" -m venv .venv
+fi
+stamp=".venv/.fluorosam-setup-stamp"
+want="$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+echo "[setup] installing fluorosam-rt and its dependencies into .venv (first run: about 2 minutes)"
+.venv/bin/python -m pip install -q --upgrade pip
+# constraints.txt pins torch to the CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[train,dev]"
+# open_clip_torch is installed without its dependencies only for its CLIP BPE vocabulary file:
+# its torchvision requirement cannot load beside the CPU torch wheel, and we never import it.
+.venv/bin/python -m pip install -q --no-deps "open_clip_torch==3.3.0"
+echo "$want" > "$stamp"
+echo "[setup] done"
