@@ -245,13 +245,19 @@ def load_official(
     OpenAI CLIP ViT-B/32 file as clip_weights; it is read from disk, never downloaded.
     """
     if isinstance(path_or_sd, dict):
-        sd, ignored, source = dict(path_or_sd), [], "<state dict>"
+        source = "<state dict>"
+        sd, ignored = split_official_state_dict(path_or_sd, source)
     else:
         sd, ignored = read_official_state_dict(path_or_sd, trust_pickle=trust_pickle)
         source = str(path_or_sd)
     if cfg is None:
         cfg = infer_official_config(sd)
     has_text = any(k.startswith(TEXT_PREFIX) for k in sd)
+    if not has_text and clip_weights is None and not allow_partial:
+        raise CheckpointError(
+            f"{source}: the checkpoint has no CLIP text tower (prompt_encoder.text_model.*); pass a local "
+            "OpenAI CLIP ViT-B/32 file as clip_weights (CLI: --clip-weights PATH)"
+        )
     if not has_text and clip_weights is not None:
         from .text.clip import load_clip_text_weights
 

@@ -35,9 +35,16 @@ class Attention(nn.Module):
         return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Inputs may differ in batch size when one of them is 1 (shared by all prompts).
+
+        Projections then run once on the shared tensor and are broadcast afterwards, which is
+        exact and saves the per-prompt cost of projecting the frame's image tokens.
+        """
         q = self._split(self.q_proj(q))
         k = self._split(self.k_proj(k))
         v = self._split(self.v_proj(v))
+        b = max(q.shape[0], k.shape[0], v.shape[0])
+        q, k, v = (t.expand(b, -1, -1, -1) if t.shape[0] != b else t for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v)
         b, h, n, d = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, h * d))
@@ -120,14 +127,12 @@ class TwoWayTransformer(nn.Module):
 
         Returns (tokens [B, T, C], image tokens [B, H*W, C]). A batch-1 image is broadcast over
         the prompt batch, so the frame's embedding is never copied per prompt.
+
         """
-        b = point_embedding.shape[0]
+        # A batch-1 frame stays batch 1 until the first image->token update makes the image
+        # tokens prompt-specific; everything before that point is computed once per frame.
         keys = image_embedding.flatten(2).transpose(1, 2)
         key_pe = image_pe.flatten(2).transpose(1, 2)
-        if keys.shape[0] != b:
-            keys = keys.expand(b, -1, -1)
-        if key_pe.shape[0] != b:
-            key_pe = key_pe.expand(b, -1, -1)
         queries = point_embedding
         for layer in self.layers:
             queries, keys = layer(queries, keys, point_embedding, key_pe)

@@ -1,0 +1,205 @@
+"""Raw X-ray in, one mask per prompt out, with the image encoded once.
+
+The predictor is the model's user-facing contract, shared by the ``segment`` CLI and the
+streaming node: deterministic preprocessing, one image encode per frame, all prompts decoded
+in one batched call from cached tokens, masks returned at the input's own size with the model's
+padding removed (the official code stretches the padding into the mask), and a calibrated
+"structure not present" decision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .model.sam import FluoroSAM
+from .preprocess import PreprocessInfo, Preprocessor
+from .prompts import Prompt, PromptCache, tensor_digest
+from .text.base import TextEncoder
+
+
+@dataclass
+class MaskResult:
+    prompt: Prompt
+    mask: np.ndarray  # bool [H, W] at the input's size
+    score: float  # predicted IoU of the chosen multimask output
+    scores: tuple[float, ...]  # predicted IoU of all multimask outputs
+    best_index: int
+    present: bool
+    logits: np.ndarray | None = None  # float32 [H, W] logits of the chosen output, on request
+
+
+def token_identity(model: FluoroSAM, text_encoder: TextEncoder) -> str:
+    """Identity of everything between a prompt string and its final token."""
+    pe = model.prompt_encoder
+    tensors = list(pe.clip_mlp.state_dict().values())
+    if pe.vq is not None:
+        tensors.append(pe.vq.codebook)
+    vq_state = "vq" if pe.vq is not None and pe.vq.enabled else "novq"
+    return tensor_digest(tensors, extra=f"{text_encoder.identity()}|{vq_state}")
+
+
+def calibrate_presence_threshold(
+    present_scores: Sequence[float], absent_scores: Sequence[float], max_false_positive_rate: float = 0.05
+) -> float:
+    """Score threshold for the "structure present" decision, from held-out prompts.
+
+    The official gate (predicted IoU < 0 -> empty) is effectively never triggered, so absent
+    structures always get a mask. We pick, among thresholds whose false-positive rate on absent
+    prompts is within the limit, the one that keeps the most present prompts (ties: the lowest).
+    """
+    present = np.asarray(present_scores, dtype=np.float64)
+    absent = np.asarray(absent_scores, dtype=np.float64)
+    if absent.size == 0:
+        raise ValueError("calibration needs scores of absent prompts")
+    if not 0.0 <= max_false_positive_rate < 1.0:
+        raise ValueError("max_false_positive_rate must be in [0, 1)")
+    candidates = np.unique(np.concatenate([present, np.nextafter(absent, np.inf), [-np.inf]]))
+    best_t, best_tp = float(np.nextafter(absent.max(), np.inf)), -1
+    for t in candidates:
+        fpr = float(np.mean(absent >= t))
+        if fpr > max_false_positive_rate:
+            continue
+        tp = int(np.sum(present >= t))
+        if tp > best_tp:
+            best_t, best_tp = float(t), tp
+    return best_t
+
+
+class Predictor:
+    """Encode an image once, then decode any number of prompts against it."""
+
+    def __init__(
+        self,
+        model: FluoroSAM,
+        text_encoder: TextEncoder,
+        cache: PromptCache | None = None,
+        preprocessor: Preprocessor | None = None,
+        presence_threshold: float = 0.0,
+        mask_threshold: float = 0.0,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.text_encoder = text_encoder
+        self.cache = cache if cache is not None else PromptCache(token_identity(model, text_encoder))
+        pp = model.cfg.preprocess
+        self.preprocessor = preprocessor or Preprocessor(
+            model.img_size, windowing=pp.windowing, window_at=pp.window_at
+        )
+        self.presence_threshold = presence_threshold
+        self.mask_threshold = mask_threshold
+        self._embedding: torch.Tensor | None = None
+        self._info: PreprocessInfo | None = None
+        self.image_encode_count = 0
+
+    # -- prompts -------------------------------------------------------------------------
+    @torch.no_grad()
+    def _token_fn(self, texts: list[str]) -> torch.Tensor:
+        feats = self.text_encoder.encode(texts).to(self.device)
+        return self.model.text_tokens(feats)
+
+    def add_prompts(self, texts: Sequence[str]) -> None:
+        """Encode prompts into the cache (the only place text encoding happens)."""
+        self.cache.encode(list(texts), self._token_fn)
+
+    # -- image ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def set_image(self, pixels: np.ndarray) -> None:
+        """Preprocess and encode one image; later predict() calls reuse the embedding."""
+        x, info = self.preprocessor(pixels)
+        self.set_embedding(self.model.encode_image(x.unsqueeze(0).to(self.device)), info)
+        self.image_encode_count += 1
+
+    def set_embedding(self, embedding: torch.Tensor, info: PreprocessInfo) -> None:
+        """Use an image embedding computed elsewhere (an inference engine, a test fixture)."""
+        self._embedding = embedding.to(self.device)
+        self._info = info
+
+    @property
+    def info(self) -> PreprocessInfo:
+        if self._info is None:
+            raise RuntimeError("call set_image() before predict()")
+        return self._info
+
+    # -- decode --------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict_low_res(self, prompts: Sequence[Prompt]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batched decode of prompts against the current image: ([K,3,L,L] logits, [K,3] IoU).
+
+        Prompts are grouped by point count so each group is one decoder call with no padding
+        tokens that would change a text-only prompt's result.
+        """
+        if self._embedding is None:
+            raise RuntimeError("call set_image() before predict()")
+        tokens = self.cache.lookup([p.text for p in prompts]).to(self.device)
+        groups: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            groups.setdefault(len(p.points), []).append(i)
+        n = self.model.low_res_size
+        logits = torch.empty(
+            (len(prompts), self.model.mask_decoder.num_multimask_outputs, n, n), device=self.device
+        )
+        iou = torch.empty((len(prompts), self.model.mask_decoder.num_multimask_outputs), device=self.device)
+        for n_points, idx in groups.items():
+            coords = labels = None
+            if n_points:
+                scale = self.info.scale
+                coords = torch.tensor(
+                    [[(x * scale, y * scale) for x, y in prompts[i].points] for i in idx],
+                    dtype=torch.float64,
+                    device=self.device,
+                )
+                labels = torch.tensor(
+                    [list(prompts[i].labels) for i in idx], dtype=torch.float64, device=self.device
+                )
+            lg, io = self.model.decode(self._embedding, tokens[idx], coords, labels)
+            logits[idx] = lg
+            iou[idx] = io
+        return logits, iou
+
+    def postprocess(self, low_res: torch.Tensor) -> torch.Tensor:
+        """[K, L, L] logits -> [K, H, W] logits at the input's size, padding removed."""
+        s = self.model.img_size
+        rh, rw = self.info.resized_hw
+        h, w = self.info.original_hw
+        x = F.interpolate(low_res[:, None], (s, s), mode="bilinear", align_corners=False)
+        x = x[..., :rh, :rw]
+        if (rh, rw) != (h, w):
+            x = F.interpolate(x, (h, w), mode="bilinear", align_corners=False)
+        return x[:, 0]
+
+    @torch.no_grad()
+    def predict(self, prompts: Sequence[str | Prompt], return_logits: bool = False) -> list[MaskResult]:
+        """Masks for prompts on the current image. Unknown prompts are encoded first."""
+        ps = [Prompt.coerce(p) for p in prompts]
+        if not ps:
+            return []
+        missing = [p.text for p in ps if p.text not in self.cache]
+        if missing:
+            self.add_prompts(missing)
+        low, iou = self.predict_low_res(ps)
+        best = iou.argmax(dim=1)
+        chosen = low[torch.arange(len(ps), device=low.device), best]
+        full = self.postprocess(chosen).cpu()
+        results = []
+        for i, p in enumerate(ps):
+            score = float(iou[i, best[i]])
+            present = score >= self.presence_threshold
+            mask = (full[i] > self.mask_threshold).numpy() if present else np.zeros(full[i].shape, dtype=bool)
+            results.append(
+                MaskResult(
+                    prompt=p,
+                    mask=mask,
+                    score=score,
+                    scores=tuple(float(v) for v in iou[i]),
+                    best_index=int(best[i]),
+                    present=present,
+                    logits=full[i].numpy() if return_logits else None,
+                )
+            )
+        return results
