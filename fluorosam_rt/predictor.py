@@ -16,6 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engines.base import Engine
+from engines.torch_engine import TorchEngine
+
 from .model.sam import FluoroSAM
 from .preprocess import PreprocessInfo, Preprocessor
 from .prompts import Prompt, PromptCache, tensor_digest
@@ -82,9 +85,13 @@ class Predictor:
         presence_threshold: float = 0.0,
         mask_threshold: float = 0.0,
         device: str | torch.device = "cpu",
+        engine: Engine | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        # The frame path (image encode, prompt decode) runs on the engine; the prompt path
+        # (text -> token, off the frame path) always runs on the PyTorch model.
+        self.engine = engine if engine is not None else TorchEngine(self.model, self.device)
         self.text_encoder = text_encoder
         self.cache = cache if cache is not None else PromptCache(token_identity(model, text_encoder))
         pp = model.cfg.preprocess
@@ -112,12 +119,12 @@ class Predictor:
     def set_image(self, pixels: np.ndarray) -> None:
         """Preprocess and encode one image; later predict() calls reuse the embedding."""
         x, info = self.preprocessor(pixels)
-        self.set_embedding(self.model.encode_image(x.unsqueeze(0).to(self.device)), info)
+        self.set_embedding(self.engine.encode_image(x.unsqueeze(0)), info)
         self.image_encode_count += 1
 
     def set_embedding(self, embedding: torch.Tensor, info: PreprocessInfo) -> None:
         """Use an image embedding computed elsewhere (an inference engine, a test fixture)."""
-        self._embedding = embedding.to(self.device)
+        self._embedding = embedding
         self._info = info
 
     @property
@@ -136,15 +143,13 @@ class Predictor:
         """
         if self._embedding is None:
             raise RuntimeError("call set_image() before predict()")
-        tokens = self.cache.lookup([p.text for p in prompts]).to(self.device)
+        tokens = self.cache.lookup([p.text for p in prompts])
         groups: dict[int, list[int]] = {}
         for i, p in enumerate(prompts):
             groups.setdefault(len(p.points), []).append(i)
-        n = self.model.low_res_size
-        logits = torch.empty(
-            (len(prompts), self.model.mask_decoder.num_multimask_outputs, n, n), device=self.device
-        )
-        iou = torch.empty((len(prompts), self.model.mask_decoder.num_multimask_outputs), device=self.device)
+        n, m = self.engine.low_res_size, self.engine.num_multimask_outputs
+        logits = torch.empty((len(prompts), m, n, n))
+        iou = torch.empty((len(prompts), m))
         for n_points, idx in groups.items():
             coords = labels = None
             if n_points:
@@ -152,19 +157,16 @@ class Predictor:
                 coords = torch.tensor(
                     [[(x * scale, y * scale) for x, y in prompts[i].points] for i in idx],
                     dtype=torch.float64,
-                    device=self.device,
                 )
-                labels = torch.tensor(
-                    [list(prompts[i].labels) for i in idx], dtype=torch.float64, device=self.device
-                )
-            lg, io = self.model.decode(self._embedding, tokens[idx], coords, labels)
-            logits[idx] = lg
-            iou[idx] = io
+                labels = torch.tensor([list(prompts[i].labels) for i in idx], dtype=torch.float64)
+            lg, io = self.engine.decode(self._embedding, tokens[idx], coords, labels)
+            logits[idx] = lg.float().cpu()
+            iou[idx] = io.float().cpu()
         return logits, iou
 
     def postprocess(self, low_res: torch.Tensor) -> torch.Tensor:
         """[K, L, L] logits -> [K, H, W] logits at the input's size, padding removed."""
-        s = self.model.img_size
+        s = self.engine.img_size
         rh, rw = self.info.resized_hw
         h, w = self.info.original_hw
         x = F.interpolate(low_res[:, None], (s, s), mode="bilinear", align_corners=False)

@@ -1,0 +1,54 @@
+"""PyTorch eager back end: the reference every other back end is checked against."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fluorosam_rt.model.sam import FluoroSAM
+
+from .base import Engine
+
+
+class TorchEngine(Engine):
+    name = "torch"
+
+    def __init__(self, model: FluoroSAM, device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+
+    @property
+    def img_size(self) -> int:
+        return self.model.img_size
+
+    @property
+    def low_res_size(self) -> int:
+        return self.model.low_res_size
+
+    @property
+    def num_multimask_outputs(self) -> int:
+        return self.model.mask_decoder.num_multimask_outputs
+
+    @torch.inference_mode()
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(x.to(self.device))
+
+    @torch.inference_mode()
+    def decode(
+        self,
+        embedding: torch.Tensor,
+        tokens: torch.Tensor,
+        point_coords: torch.Tensor | None = None,
+        point_labels: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        d = self.device
+        return self.model.decode(
+            embedding.to(d),
+            tokens.to(d),
+            None if point_coords is None else point_coords.to(d),
+            None if point_labels is None else point_labels.to(d),
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {"engine": self.name, "device": str(self.device), "model": self.model.cfg.name}
