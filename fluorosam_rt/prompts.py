@@ -173,3 +173,37 @@ class PromptCache:
         if meta.get("identity") != self.identity or len(texts) != tokens.shape[0]:
             return
         self._tokens = {t: tok.clone() for t, tok in zip(texts, tokens)}
+
+
+def prompt_texts_from_yaml(path: str | Path, include_phrasings: bool = True) -> list[str]:
+    """Prompts to warm the cache with, read from a YAML file.
+
+    Accepts either ``prompts: [text, ...]`` or the vocabulary layout (``structures``, ``groups``,
+    ``tools`` entries with ``prompt`` and ``phrasings``), so the node can warm every phrasing the
+    model was trained on. Duplicates (after normalisation) are removed; order is preserved.
+    """
+    import yaml
+
+    p = Path(path)
+    try:
+        doc = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise PromptError(f"cannot read prompt list {p}: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise PromptError(f"{p}: expected a mapping with 'prompts' or vocabulary sections")
+    texts: list[str] = []
+    if "prompts" in doc:
+        if not isinstance(doc["prompts"], list):
+            raise PromptError(f"{p}: 'prompts' must be a list of strings")
+        texts.extend(doc["prompts"])
+    for section in ("structures", "groups", "tools"):
+        for entry in doc.get(section) or []:
+            texts.append(entry["prompt"])
+            if include_phrasings:
+                texts.extend(entry.get("phrasings") or [])
+    if not texts:
+        raise PromptError(f"{p}: no prompts found")
+    seen: dict[str, str] = {}
+    for t in texts:
+        seen.setdefault(normalize_prompt(t), t)
+    return list(seen.values())

@@ -88,3 +88,19 @@ def test_damaged_cache_file_is_rebuilt(tmp_path):
     assert len(fresh) == 0
     fresh.encode(["lungs"], CountingTokens())
     assert PromptCache("model-a", tmp_path).texts() == ["lungs"]
+
+
+def test_warm_list_from_yaml(tmp_path):
+    from fluorosam_rt.bundle import ASSETS_DIR
+    from fluorosam_rt.prompts import prompt_texts_from_yaml
+
+    f = tmp_path / "p.yaml"
+    f.write_text("prompts: [lungs, Lungs, heart]\n")
+    assert prompt_texts_from_yaml(f) == ["lungs", "heart"]
+    vocab = ASSETS_DIR.parents[1] / "configs" / "vocabulary.yaml"
+    texts = [normalize_prompt(t) for t in prompt_texts_from_yaml(vocab)]
+    assert {"lungs", "left lung", "heart", "k-wire", "left collarbone"} <= set(texts)
+    assert len(texts) == len(set(texts))
+    f.write_text("something: else\n")
+    with pytest.raises(PromptError, match="no prompts"):
+        prompt_texts_from_yaml(f)
