@@ -7,6 +7,7 @@ configurable: the official build uses 3 (64 -> 512 logits); the real-time model 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .common import MLP, LayerNorm2d
@@ -63,6 +64,31 @@ class MaskDecoder(nn.Module):
             transformer_dim, cfg.iou_head_hidden, self.num_mask_tokens, cfg.iou_head_depth
         )
 
+    def upscale_channels_last(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """Run ``output_upscaling`` on image tokens [B, h*w, C], returning [B, H, W, C'].
+
+        Same weights and math as the NCHW Sequential, computed channels-last: a stride-2, 2x2
+        transposed conv is a per-pixel matmul to 4 sub-pixels, and the channel LayerNorm is a
+        plain last-axis layer_norm. On CPU this avoids the slow deconvolution kernel and five
+        separate elementwise passes per LayerNorm2d, which dominate the decoder's time.
+        """
+        x = tokens.reshape(tokens.shape[0], h, w, tokens.shape[-1])
+        for mod in self.output_upscaling:
+            if isinstance(mod, nn.ConvTranspose2d):
+                b, hh, ww, cin = x.shape
+                cout = mod.out_channels
+                wmat = mod.weight.permute(0, 2, 3, 1).reshape(cin, 4 * cout)  # (ci) -> (dy, dx, co)
+                y = (x.reshape(-1, cin) @ wmat).reshape(b, hh, ww, 2, 2, cout)
+                y = y + mod.bias
+                x = y.permute(0, 1, 3, 2, 4, 5).reshape(b, 2 * hh, 2 * ww, cout)
+            elif isinstance(mod, LayerNorm2d):
+                x = F.layer_norm(x, (x.shape[-1],), mod.weight, mod.bias, mod.eps)
+            elif isinstance(mod, nn.GELU):
+                x = F.gelu(x, approximate=mod.approximate)
+            else:  # pragma: no cover - the Sequential is built by _upscaling above
+                raise TypeError(f"unexpected upscaling layer {type(mod).__name__}")
+        return x
+
     def forward(
         self,
         image_embeddings: torch.Tensor,
@@ -86,15 +112,14 @@ class MaskDecoder(nn.Module):
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
 
-        b = src_tokens.shape[0]
         h, w = image_embeddings.shape[-2:]
-        upscaled = self.output_upscaling(src_tokens.transpose(1, 2).reshape(b, self.transformer_dim, h, w))
+        upscaled = self.upscale_channels_last(src_tokens, h, w)
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.mask_output_hypernetworks_mlps)],
             dim=1,
         )
-        bu, cu, hu, wu = upscaled.shape
-        masks = (hyper_in @ upscaled.reshape(bu, cu, hu * wu)).reshape(bu, -1, hu, wu)
+        bu, hu, wu, cu = upscaled.shape
+        masks = (hyper_in @ upscaled.reshape(bu, hu * wu, cu).transpose(1, 2)).reshape(bu, -1, hu, wu)
         iou_pred = self.iou_prediction_head(iou_token_out)
         # Multimask output: mask token 0 is computed but discarded, as in the official model.
         return masks[:, 1:], iou_pred[:, 1:]
