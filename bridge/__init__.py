@@ -1,1 +1,28 @@
-"""bridge package."""
+"""Torch-free client side of the fluorosam-rt mask stream: wire protocol and subscriber.
+
+Depends only on numpy, pyzmq and msgpack, so navigation systems can consume masks without
+installing the model stack.
+"""
+
+from .protocol import (
+    PROTOCOL_VERSION,
+    MaskMessage,
+    PromptResult,
+    ProtocolError,
+    ProtocolVersionError,
+    decode_message,
+    encode_message,
+)
+from .subscriber import Subscriber, SubscriberTimeout
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "MaskMessage",
+    "PromptResult",
+    "ProtocolError",
+    "ProtocolVersionError",
+    "Subscriber",
+    "SubscriberTimeout",
+    "decode_message",
+    "encode_message",
+]

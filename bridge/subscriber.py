@@ -1,0 +1,93 @@
+"""A blocking subscriber to the node's mask stream that always hands out the newest frame.
+
+A navigation display wants the current anatomy, not a queue of old frames: each ``receive``
+drains whatever has arrived and returns only the newest message, counting the ones it skipped.
+Lost messages (a jump in the publisher's ``seq``) are counted separately from the frames the
+node itself dropped (a jump in ``frame_id`` with no jump in ``seq``), so a consumer can tell a
+slow network from a slow model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import zmq
+
+from .protocol import MaskMessage, decode_message
+
+
+class SubscriberTimeout(TimeoutError):
+    """No message arrived within the timeout."""
+
+
+class Subscriber:
+    def __init__(
+        self,
+        connect: str | list[str],
+        topic: str = "",
+        rcvhwm: int = 2,
+        context: zmq.Context | None = None,
+    ) -> None:
+        self._ctx = context or zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.SUB)
+        self._sock.setsockopt(zmq.RCVHWM, rcvhwm)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        for ep in [connect] if isinstance(connect, str) else connect:
+            self._sock.connect(ep)
+        self.received = 0  # messages handed to the caller
+        self.skipped = 0  # older messages discarded because a newer one was waiting
+        self.lost = 0  # messages the publisher sent that never arrived (seq gaps)
+        self.node_dropped = 0  # frame ids the node never published (its own latest-frame-wins)
+        self._last: MaskMessage | None = None
+
+    def receive(self, timeout: float | None = None, newest: bool = True) -> MaskMessage:
+        """The newest message (or the next one, newest=False). Raises SubscriberTimeout."""
+        ms = -1 if timeout is None else max(0, int(timeout * 1000))
+        if not self._sock.poll(ms):
+            raise SubscriberTimeout(f"no message within {timeout} s")
+        frames = self._sock.recv_multipart(copy=False)
+        skipped_now = 0
+        if newest:
+            while self._sock.poll(0):
+                frames = self._sock.recv_multipart(copy=False)
+                skipped_now += 1
+        self.skipped += skipped_now
+        msg = decode_message([f.buffer for f in frames])
+        prev = self._last
+        if prev is not None and msg.seq > prev.seq:
+            seq_gap = msg.seq - prev.seq - 1
+            self.lost += max(0, seq_gap - skipped_now)
+            self.node_dropped += max(0, (msg.frame_id - prev.frame_id - 1) - seq_gap)
+        self._last = msg
+        self.received += 1
+        return msg
+
+    def __iter__(self) -> Iterator[MaskMessage]:
+        while True:
+            yield self.receive()
+
+    def messages(
+        self, max_messages: int, timeout: float = 10.0, newest: bool = True
+    ) -> Iterator[MaskMessage]:
+        """Up to max_messages messages; stops early when none arrives for ``timeout`` seconds."""
+        deadline_each = timeout
+        for _ in range(max_messages):
+            try:
+                yield self.receive(timeout=deadline_each, newest=newest)
+            except SubscriberTimeout:
+                return
+
+    def wait_connected(self, timeout: float = 5.0) -> None:
+        """PUB/SUB joins asynchronously; give the subscription a moment to reach the publisher."""
+        time.sleep(min(timeout, 0.2))
+
+    def close(self) -> None:
+        self._sock.close(linger=0)
+
+    def __enter__(self) -> Subscriber:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,464 @@
+"""The streaming node: frames in, one mask per active prompt out, newest frame first.
+
+Read top to bottom, a frame goes through:
+
+    receive -> preprocess -> encode image -> decode all prompts (one batch) -> postprocess -> publish
+
+Three threads carry it: the source's (receive), inference (preprocess .. postprocess) and
+publishing, joined by one-slot hand-offs where a newer frame replaces an older one. So when the
+model is slower than the C-arm the backlog can never exceed one frame per hand-off, old frames
+are dropped and counted with a reason, and latency does not grow with time.
+
+Accounting: every frame that is received is, at any moment, in flight or published or dropped
+with a reason; after ``stop`` nothing is in flight, so received == published + sum(dropped).
+A bad frame or a failing engine drops that frame and the node carries on; after
+``max_consecutive_failures`` engine failures in a row it moves to the next configured engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bridge.protocol import MaskMessage, PromptResult, mask_shape
+from engines.base import Engine
+
+from .overlay import to_display_u8
+from .predictor import Predictor
+from .prompts import Prompt
+from .sources.base import GEOMETRY_KEYS, Frame, Source
+
+log = logging.getLogger(__name__)
+
+# Metadata that identifies a patient: carried in the message (a DICOM SEG needs it), never logged.
+_PATIENT_KEYS = ("PatientID",)
+
+
+# --------------------------------------------------------------------------- hand-offs and counters
+
+
+class LatestSlot:
+    """A one-item hand-off: put() replaces what is waiting and returns the replaced item."""
+
+    def __init__(self) -> None:
+        self._item: Any = None
+        self._cond = threading.Condition()
+
+    def put(self, item: Any) -> Any:
+        with self._cond:
+            old, self._item = self._item, item
+            self._cond.notify()
+            return old
+
+    def get(self, timeout: float) -> Any:
+        with self._cond:
+            if self._item is None:
+                self._cond.wait(timeout)
+            item, self._item = self._item, None
+            return item
+
+
+class Accounting:
+    """received = published + dropped[reason] + in flight, under one lock so snapshots add up."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.received = 0
+        self.published = 0
+        self.dropped: Counter[str] = Counter()
+
+    def receive(self) -> None:
+        with self._lock:
+            self.received += 1
+
+    def publish(self) -> None:
+        with self._lock:
+            self.published += 1
+
+    def drop(self, reason: str) -> None:
+        with self._lock:
+            self.dropped[reason] += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            dropped = dict(self.dropped)
+            in_flight = self.received - self.published - sum(dropped.values())
+            return {
+                "received": self.received,
+                "published": self.published,
+                "dropped": dropped,
+                "dropped_total": sum(dropped.values()),
+                "in_flight": in_flight,
+            }
+
+
+STAGE_PAIRS = (
+    ("queue", "received", "dequeued"),
+    ("preprocess", "dequeued", "preprocessed"),
+    ("encode", "preprocessed", "encoded"),
+    ("decode", "encoded", "decoded"),
+    ("postprocess", "decoded", "postprocessed"),
+    ("publish_wait", "postprocessed", "published"),
+    ("end_to_end", "received", "published"),
+    ("source_to_published", "source", "published"),
+)
+
+
+class LatencyStats:
+    """Per-stage durations of the last N published frames, for status and the benchmark."""
+
+    def __init__(self, window: int = 1000) -> None:
+        self._rows: deque[dict[str, int]] = deque(maxlen=window)
+        self._published_at: deque[float] = deque(maxlen=window)
+        self._lock = threading.Lock()
+
+    def add(self, t: dict[str, int]) -> None:
+        with self._lock:
+            self._rows.append(dict(t))
+            self._published_at.append(time.monotonic())
+
+    def fps(self, horizon_s: float = 2.0) -> float:
+        with self._lock:
+            now = time.monotonic()
+            recent = [t for t in self._published_at if now - t <= horizon_s]
+        if len(recent) < 2:
+            return 0.0
+        span = recent[-1] - recent[0]
+        return (len(recent) - 1) / span if span > 0 else 0.0
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        with self._lock:
+            rows = list(self._rows)
+        out: dict[str, dict[str, float]] = {}
+        for name, a, b in STAGE_PAIRS:
+            ms = np.array([(r[b] - r[a]) / 1e6 for r in rows if a in r and b in r], dtype=np.float64)
+            if ms.size:
+                out[name] = {
+                    "p50_ms": float(np.percentile(ms, 50)),
+                    "p99_ms": float(np.percentile(ms, 99)),
+                    "max_ms": float(ms.max()),
+                    "n": int(ms.size),
+                }
+        return out
+
+
+# --------------------------------------------------------------------------- the node
+
+
+@dataclass
+class Processed:
+    """A frame after inference, waiting to be published."""
+
+    frame: Frame
+    t: dict[str, int]
+    prompts: tuple[Prompt, ...]
+    masks: list[np.ndarray] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    present: list[bool] = field(default_factory=list)
+    out_shape: tuple[int, int] = (0, 0)
+    image: np.ndarray | None = None
+
+
+class FrameDropped(Exception):
+    """Raised inside the inference stage to drop the current frame with a reason."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+class Node:
+    def __init__(
+        self,
+        predictor: Predictor,
+        source: Source,
+        publisher: Any,
+        *,
+        stream: str = "carm0",
+        downsample: int = 1,
+        mask_encoding: str = "u8",
+        include_image: bool = False,
+        fallback_engines: Sequence[Engine] = (),
+        max_consecutive_failures: int = 5,
+        max_prompts: int = 16,
+        stats_window: int = 1000,
+        model_name: str = "",
+    ) -> None:
+        from .active_prompts import ActivePrompts
+
+        self.predictor = predictor
+        self.source = source
+        self.publisher = publisher
+        self.stream = stream
+        self.downsample = downsample
+        self.mask_encoding = mask_encoding
+        self.include_image = include_image
+        self.fallback_engines = list(fallback_engines)
+        self.max_consecutive_failures = max_consecutive_failures
+        self.model_name = model_name
+        self.prompts = ActivePrompts(predictor.add_prompts, max_prompts=max_prompts)
+        self.accounting = Accounting()
+        self.latency = LatencyStats(stats_window)
+        self.consecutive_failures = 0
+        self.engine_switches: list[dict[str, Any]] = []
+        self.last_error = ""
+        self._in = LatestSlot()
+        self._out = LatestSlot()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._started_at = 0.0
+        self._stopped = False
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._started_at = time.monotonic()
+        for name, target in (("node-infer", self._infer_loop), ("node-publish", self._publish_loop)):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        self.source.start(self.receive)
+
+    def request_stop(self) -> None:
+        """Ask run() to return (control 'shutdown', a signal); safe from any thread."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def idle(self) -> bool:
+        return self.accounting.snapshot()["in_flight"] == 0
+
+    def run(self, until_source_finished: bool = True, timeout: float | None = None) -> None:
+        """Block until stopped, or until a finite source has ended and its last frame is out."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._stop.wait(0.05):
+            if until_source_finished and self.source.finished.is_set() and self.idle():
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                break
+
+    def stop(self, drain_timeout: float = 5.0) -> dict[str, Any]:
+        """Stop the source, let in-flight frames finish (or count them), close the stream."""
+        if self._stopped:
+            return self.accounting.snapshot()
+        self.source.stop()
+        deadline = time.monotonic() + drain_timeout
+        while not self.idle() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=drain_timeout)
+        for slot in (self._in, self._out):
+            if slot.get(0) is not None:
+                self.accounting.drop("shutdown")
+        self.publisher.close()
+        self._stopped = True
+        return self.accounting.snapshot()
+
+    # -- stage 1: receive (source thread) ---------------------------------------------------
+
+    def receive(self, frame: Frame) -> None:
+        frame.received_ns = time.time_ns()
+        self.accounting.receive()
+        if self._stop.is_set():
+            self.accounting.drop("shutdown")
+            return
+        if self._in.put(frame) is not None:
+            self.accounting.drop("superseded")  # latest frame wins: the waiting one is stale
+
+    # -- stages 2-5: inference thread ---------------------------------------------------------
+
+    def _infer_loop(self) -> None:
+        while not self._stop.is_set():
+            frame = self._in.get(timeout=0.1)
+            if frame is None:
+                continue
+            t = {"source": frame.source_ts_ns, "received": frame.received_ns, "dequeued": time.time_ns()}
+            try:
+                done = self._infer(frame, t)
+            except FrameDropped as exc:
+                self.accounting.drop(exc.reason)
+                continue
+            except Exception as exc:  # never let one frame take the node down
+                log.exception("unexpected error on frame %d", frame.frame_id)
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                self.accounting.drop("internal_error")
+                continue
+            if self._out.put(done) is not None:
+                self.accounting.drop("superseded_at_publish")
+
+    def _infer(self, frame: Frame, t: dict[str, int]) -> Processed:
+        prompts = self.prompts.snapshot()
+        p = self.predictor
+        h, w = frame.pixels.shape[:2]
+        out_shape = mask_shape((h, w), self.downsample)
+        done = Processed(frame=frame, t=t, prompts=prompts, out_shape=out_shape)
+
+        # preprocess
+        try:
+            x, info = p.preprocessor(frame.pixels)
+        except (ValueError, TypeError, cv2.error) as exc:
+            self.last_error = f"bad frame {frame.frame_id}: {exc}"
+            raise FrameDropped("bad_frame", str(exc)) from exc
+        t["preprocessed"] = time.time_ns()
+
+        # encode image (skipped when nothing is asked for: the frame is still published)
+        if prompts:
+            emb = self._run_engine(lambda: p.engine.encode_image(x.unsqueeze(0)))
+            p.set_embedding(emb, info)
+            p.image_encode_count += 1
+        t["encoded"] = time.time_ns()
+
+        # decode all prompts in one batch
+        if prompts:
+            low, iou = self._run_engine(lambda: p.predict_low_res(prompts))
+            if not (torch.isfinite(low).all() and torch.isfinite(iou).all()):
+                self._engine_failed("engine returned NaN or Inf")
+                raise FrameDropped("nonfinite_output")
+            self.consecutive_failures = 0
+        t["decoded"] = time.time_ns()
+
+        # postprocess: best of the multimask outputs, presence gate, threshold at output size
+        if prompts:
+            best = iou.argmax(dim=1)
+            chosen = low[torch.arange(len(prompts)), best]
+            logits = p.postprocess(chosen) if self.downsample == 1 else self._resize_logits(chosen, out_shape)
+            for i in range(len(prompts)):
+                score = float(iou[i, best[i]])
+                present = score >= p.presence_threshold
+                m = (logits[i] > p.mask_threshold).numpy().astype(np.uint8) if present else None
+                done.masks.append(m if m is not None else np.zeros(out_shape, np.uint8))
+                done.scores.append(score)
+                done.present.append(present)
+        if self.include_image:
+            img = to_display_u8(frame.pixels)
+            done.image = (
+                cv2.resize(img, out_shape[::-1], interpolation=cv2.INTER_AREA) if self.downsample > 1 else img
+            )
+        t["postprocessed"] = time.time_ns()
+        return done
+
+    def _resize_logits(self, low: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
+        """Like Predictor.postprocess, but straight to the downsampled size (no full-size pass)."""
+        p = self.predictor
+        s = p.engine.img_size
+        rh, rw = p.info.resized_hw
+        x = F.interpolate(low[:, None], (s, s), mode="bilinear", align_corners=False)[..., :rh, :rw]
+        if (rh, rw) != out_hw:
+            x = F.interpolate(x, out_hw, mode="bilinear", align_corners=False)
+        return x[:, 0]
+
+    def _run_engine(self, call: Any) -> Any:
+        try:
+            return call()
+        except Exception as exc:
+            self._engine_failed(f"{type(exc).__name__}: {exc}")
+            raise FrameDropped("engine_error", str(exc)) from exc
+
+    def _engine_failed(self, detail: str) -> None:
+        self.last_error = f"engine {self.predictor.engine.name}: {detail}"
+        self.consecutive_failures += 1
+        if self.consecutive_failures >= self.max_consecutive_failures and self.fallback_engines:
+            old = self.predictor.engine
+            self.predictor.engine = self.fallback_engines.pop(0)
+            self.consecutive_failures = 0
+            self.engine_switches.append(
+                {"from": old.name, "to": self.predictor.engine.name, "reason": detail}
+            )
+            log.warning("engine %s failed repeatedly; switched to %s", old.name, self.predictor.engine.name)
+
+    # -- stage 6: publish thread ------------------------------------------------------------
+
+    def _publish_loop(self) -> None:
+        while not self._stop.is_set():
+            done = self._out.get(timeout=0.1)
+            if done is None:
+                continue
+            try:
+                msg = self._message(done)
+                done.t["published"] = msg.timestamps_ns["published"] = time.time_ns()
+                self.publisher.publish(msg)
+            except Exception as exc:
+                log.exception("cannot publish frame %d", done.frame.frame_id)
+                self.last_error = f"publish: {type(exc).__name__}: {exc}"
+                self.accounting.drop("publish_error")
+                continue
+            self.accounting.publish()
+            self.latency.add(done.t)
+
+    def _message(self, done: Processed) -> MaskMessage:
+        meta = done.frame.meta
+        geometry = {k: meta[k] for k in GEOMETRY_KEYS if meta.get(k) is not None}
+        source = {k: v for k, v in meta.items() if k not in GEOMETRY_KEYS}
+        return MaskMessage(
+            stream=self.stream,
+            frame_id=done.frame.frame_id,
+            seq=0,
+            timestamps_ns=dict(done.t),
+            source=source,
+            geometry=geometry,
+            source_shape=tuple(done.frame.pixels.shape[:2]),
+            downsample=self.downsample,
+            encoding=self.mask_encoding,
+            prompts=[
+                PromptResult(id=p.id, text=p.text, score=s, present=pr, mask=m)
+                for p, s, pr, m in zip(done.prompts, done.scores, done.present, done.masks)
+            ],
+            image=done.image,
+        )
+
+    # -- what control reports ---------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        acc = self.accounting.snapshot()
+        return {
+            "stream": self.stream,
+            "model": self.model_name,
+            "engine": self.predictor.engine.describe(),
+            "engine_switches": list(self.engine_switches),
+            "fps": round(self.latency.fps(), 3),
+            "uptime_s": round(time.monotonic() - self._started_at, 3) if self._started_at else 0.0,
+            "received": acc["received"],
+            "published": acc["published"],
+            "dropped": acc["dropped"],
+            "in_flight": acc["in_flight"],
+            "prompts": [prompt_dict(p) for p in self.prompts.snapshot()],
+            "source": _loggable(self.source.describe()),
+            "publish": {"endpoints": list(getattr(self.publisher, "endpoints", []))},
+            "last_error": self.last_error,
+        }
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            **self.accounting.snapshot(),
+            "fps": round(self.latency.fps(), 3),
+            "latency": self.latency.summary(),
+            "text_encodes": self.predictor.cache.encode_count,
+            "image_encodes": self.predictor.image_encode_count,
+            "consecutive_failures": self.consecutive_failures,
+        }
+
+
+def prompt_dict(p: Prompt) -> dict[str, Any]:
+    return {"id": p.id, "text": p.text, "points": [list(x) for x in p.points], "labels": list(p.labels)}
+
+
+def _loggable(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if k not in _PATIENT_KEYS}
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if len(values) else math.nan

@@ -1,0 +1,171 @@
+"""The node's settings: YAML validated into typed models, with CLI flags layered on top.
+
+Every model forbids unknown keys, so a typo ("sndwhm") is an error naming the key instead of a
+setting silently left at its default in an operating room.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class NodeConfigError(ValueError):
+    """A config file or flag that cannot be used; the message names the key and the problem."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ReplaySettings(_Strict):
+    kind: Literal["replay"] = "replay"
+    path: str
+    fps: float | None = Field(default=None, gt=0, le=1000)  # None: the recording's own rate, else 15
+    loop: bool = False
+
+
+class VideoSettings(_Strict):
+    kind: Literal["video"] = "video"
+    device: str  # device index ("0"), file path, or GStreamer/RTSP pipeline
+    roi: list[int] | Literal["auto"] | None = None  # [x, y, w, h] or "auto" (circular field of view)
+    realtime: bool = True  # pace files at their own fps, as a live device would deliver them
+    reconnect_initial_s: float = Field(default=0.5, gt=0)
+    reconnect_max_s: float = Field(default=10.0, gt=0)
+
+    @field_validator("roi")
+    @classmethod
+    def _roi(cls, v: Any) -> Any:
+        if isinstance(v, list) and (len(v) != 4 or v[2] <= 0 or v[3] <= 0 or min(v[:2]) < 0):
+            raise ValueError("roi must be [x, y, width, height] with x, y >= 0 and a positive size")
+        return v
+
+
+class DicomSettings(_Strict):
+    kind: Literal["dicom"] = "dicom"
+    host: str = "0.0.0.0"
+    port: int = Field(default=11112, ge=0, le=65535)
+    ae_title: str = Field(default="FLUOROSAM", min_length=1, max_length=16)
+    allowed_calling_aes: list[str] = Field(default_factory=list)  # empty: any calling AE
+    max_associations: int = Field(default=4, ge=1, le=64)
+    max_pdu_size: int = Field(default=0, ge=0)
+    max_frame_pixels: int = Field(default=4096 * 4096, gt=0)
+    multiframe_fps: float = Field(default=15.0, gt=0, le=1000)
+
+
+SourceSettings = Annotated[ReplaySettings | VideoSettings | DicomSettings, Field(discriminator="kind")]
+
+
+class ModelSettings(_Strict):
+    checkpoint: str | None = None  # None: the embedded default model
+    format: Literal["auto", "official", "native"] = "auto"
+    engine: str = "torch"
+    fallback_engines: list[str] = Field(default_factory=list)  # tried in order after repeated failures
+    max_consecutive_failures: int = Field(default=5, ge=1)
+    device: str = "cpu"
+    threads: int = Field(default=0, ge=0)  # torch intra-op threads; 0 leaves torch's default
+    presence_threshold: float | None = None  # None: the checkpoint's calibrated value
+    mask_threshold: float = 0.0
+
+
+class PublishSettings(_Strict):
+    endpoints: list[str] = Field(default_factory=lambda: ["tcp://127.0.0.1:5555"], min_length=1)
+    sndhwm: int = Field(default=2, ge=1, le=1000)  # messages queued per subscriber before dropping
+    sndbuf: int = Field(default=0, ge=0)  # kernel send buffer bytes (0: OS default)
+    mask_encoding: Literal["u8", "bits"] = "u8"
+    downsample: int = Field(default=1, ge=1, le=64)
+    include_image: bool = False  # add a uint8 preview of the frame (viewers, the demo)
+
+    @field_validator("endpoints")
+    @classmethod
+    def _eps(cls, v: list[str]) -> list[str]:
+        for ep in v:
+            if not ep.startswith(("tcp://", "ipc://", "inproc://")):
+                raise ValueError(f"endpoint {ep!r} must start with tcp://, ipc:// or inproc://")
+        return v
+
+
+class ControlSettings(_Strict):
+    endpoint: str | None = "tcp://127.0.0.1:5556"  # localhost by default; None disables control
+
+
+class PromptSettings(_Strict):
+    text: str
+    id: str = ""
+    points: list[tuple[float, float]] = Field(default_factory=list)
+    labels: list[int] = Field(default_factory=list)
+
+
+class NodeSettings(_Strict):
+    stream: str = Field(default="carm0", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    source: SourceSettings
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    publish: PublishSettings = Field(default_factory=PublishSettings)
+    control: ControlSettings = Field(default_factory=ControlSettings)
+    prompts: list[PromptSettings | str] = Field(default_factory=list)
+    max_prompts: int = Field(default=16, ge=1, le=256)
+    stats_window: int = Field(default=1000, ge=10)  # frames kept for latency percentiles
+
+
+def _format_errors(exc: ValidationError, origin: str) -> str:
+    lines = [f"{origin}: invalid node settings:"]
+    for e in exc.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
+        msg = "unknown key (not a setting)" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {loc or '<root>'}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_source_spec(spec: str) -> dict[str, Any]:
+    """'dicom://HOST:PORT' | 'video:PATH_OR_INDEX' | 'replay:PATH[@FPS]' -> source settings dict."""
+    if spec.startswith("dicom://"):
+        hostport = spec[len("dicom://") :]
+        host, sep, port = hostport.rpartition(":")
+        if not sep or not port.isdigit():
+            raise NodeConfigError(f"bad source {spec!r}: expected dicom://HOST:PORT")
+        return {"kind": "dicom", "host": host or "0.0.0.0", "port": int(port)}
+    if spec.startswith("video:"):
+        return {"kind": "video", "device": spec[len("video:") :]}
+    if spec.startswith("replay:"):
+        rest = spec[len("replay:") :]
+        path, at, fps = rest.rpartition("@")
+        if at and fps.replace(".", "", 1).isdigit():
+            return {"kind": "replay", "path": path, "fps": float(fps)}
+        return {"kind": "replay", "path": rest}
+    raise NodeConfigError(
+        f"bad source {spec!r}: use dicom://HOST:PORT, video:PATH_OR_INDEX or replay:PATH[@FPS]"
+    )
+
+
+def load_settings(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> NodeSettings:
+    """YAML file (optional) with overrides merged on top (CLI flags win), validated."""
+    data: dict[str, Any] = {}
+    origin = "flags"
+    if path is not None:
+        p = Path(path)
+        origin = str(p)
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except FileNotFoundError as exc:
+            raise NodeConfigError(f"config file {p} does not exist") from exc
+        except yaml.YAMLError as exc:
+            raise NodeConfigError(f"{p}: not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise NodeConfigError(f"{p}: the top level must be a mapping of settings")
+        data = loaded
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict) and key != "source":
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    if "source" not in data:
+        raise NodeConfigError(f"{origin}: no source given (config 'source:' or --source)")
+    try:
+        return NodeSettings.model_validate(data)
+    except ValidationError as exc:
+        raise NodeConfigError(_format_errors(exc, origin)) from exc

@@ -1,0 +1,121 @@
+"""The frame type and the contract every source keeps.
+
+Sources push: each runs its own thread (or the DICOM server's association threads) and hands
+frames to a sink, the node's latest-frame-wins slot. The base class, not each source, assigns
+frame ids, so ids are monotonic across reconnects, associations and replay loops.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+class SourceError(RuntimeError):
+    """A source that cannot start (bad path, port in use, no device); the message says why."""
+
+
+@dataclass
+class Frame:
+    pixels: np.ndarray  # 2-D gray (bright = dense), native dtype
+    frame_id: int  # monotonically increasing within one node run
+    source_ts_ns: int  # wall-clock ns when the source made (or received) the frame
+    meta: dict[str, Any] = field(default_factory=dict)  # source kind, DICOM geometry and UIDs, ...
+    received_ns: int = 0  # wall-clock ns when the frame entered the node
+
+
+FrameSink = Callable[[Frame], None]
+
+# DICOM attributes that place a mask in space; published as the message's "geometry".
+GEOMETRY_KEYS = (
+    "PixelSpacing",
+    "ImagerPixelSpacing",
+    "DistanceSourceToDetector",
+    "DistanceSourceToPatient",
+    "PositionerPrimaryAngle",
+    "PositionerSecondaryAngle",
+    "FrameTime",
+)
+
+
+class Source(ABC):
+    kind: str = "source"
+
+    def __init__(self) -> None:
+        self._sink: FrameSink | None = None
+        self._ids = itertools.count()
+        self._id_lock = threading.Lock()
+        self._stop = threading.Event()
+        self.finished = threading.Event()  # set when a finite source has emitted everything
+        self.emitted = 0
+        self.rejected: Counter[str] = Counter()  # inputs that never became frames, by reason
+        self.state = "idle"  # idle, running, reconnecting, finished, stopped, failed
+        self.last_error = ""
+
+    def start(self, sink: FrameSink) -> None:
+        """Begin producing frames into sink; returns at once (raises SourceError if it cannot)."""
+        self._sink = sink
+        self._stop.clear()
+        self.state = "running"
+        self._start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._stop_impl()
+        if self.state != "finished":
+            self.state = "stopped"
+
+    @abstractmethod
+    def _start(self) -> None: ...
+
+    @abstractmethod
+    def _stop_impl(self) -> None: ...
+
+    def emit(self, pixels: np.ndarray, meta: dict[str, Any], source_ts_ns: int | None = None) -> Frame:
+        """Stamp a frame with the next id and hand it to the node."""
+        with self._id_lock:
+            fid = next(self._ids)
+            self.emitted += 1
+        now = time.time_ns()
+        frame = Frame(
+            pixels=pixels,
+            frame_id=fid,
+            source_ts_ns=source_ts_ns if source_ts_ns is not None else now,
+            meta={"source": self.kind, **meta},
+        )
+        if self._sink is not None:
+            self._sink(frame)
+        return frame
+
+    def reject(self, reason: str, detail: str = "") -> None:
+        self.rejected[reason] += 1
+        if detail:
+            self.last_error = detail
+
+    def describe(self) -> dict[str, Any]:
+        """What status reports about the source."""
+        return {
+            "kind": self.kind,
+            "state": self.state,
+            "emitted": self.emitted,
+            "rejected": dict(self.rejected),
+            "last_error": self.last_error,
+        }
+
+    def _finish(self) -> None:
+        self.state = "finished"
+        self.finished.set()
+
+
+def wait_or_stop(stop: threading.Event, until_monotonic: float) -> bool:
+    """Sleep until a deadline; True if asked to stop meanwhile (so loops exit promptly)."""
+    delay = until_monotonic - time.monotonic()
+    return stop.wait(delay) if delay > 0 else stop.is_set()

@@ -1,0 +1,190 @@
+"""DICOM Storage SCP: a C-arm or PACS pushes images with C-STORE and each frame joins the stream.
+
+Why these choices:
+
+* Only X-ray storage SOP classes are negotiated, so a CT or MR sender learns at association
+  time that we will not take its objects, instead of after sending gigabytes.
+* Failures answer with the standard's C-STORE status (PS3.4 B.2.3): 0xC000 "cannot understand"
+  for data we cannot decode, 0xA900 when the data set does not match its SOP class, 0xA700 "out
+  of resources" for frames over the configured size limit or when the frame queue is full.
+  The sender can then retry or alert; the node keeps running.
+* A multi-frame cine arrives in one object. Its frames are played into the stream at their own
+  frame time (FrameTime, else ``multiframe_fps``) by one pacing thread, because latest-frame-wins
+  would otherwise keep only the last frame of every object.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from ..imageio import ImageReadError
+from .base import Source, SourceError
+from .dicom_frames import XRAY_STORAGE_SOP_CLASSES, dataset_frames
+
+log = logging.getLogger(__name__)
+
+STATUS_SUCCESS = 0x0000
+STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DATASET_MISMATCH = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC000
+VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
+
+
+class DicomStorageSource(Source):
+    kind = "dicom"
+
+    def __init__(
+        self,
+        host: str = "0.0.0.0",
+        port: int = 11112,
+        ae_title: str = "FLUOROSAM",
+        allowed_calling_aes: list[str] | None = None,
+        max_associations: int = 4,
+        max_pdu_size: int = 0,  # 0: unlimited, as pynetdicom
+        max_frame_pixels: int = 4096 * 4096,
+        max_object_frames: int = 2000,
+        max_pending_frames: int = 4000,
+        multiframe_fps: float = 15.0,
+    ) -> None:
+        super().__init__()
+        self.host, self.port = host, int(port)
+        self.ae_title = ae_title
+        self.allowed_calling_aes = list(allowed_calling_aes or [])
+        self.max_associations = max_associations
+        self.max_pdu_size = max_pdu_size
+        self.max_frame_pixels = max_frame_pixels
+        self.max_object_frames = max_object_frames
+        self.multiframe_fps = multiframe_fps
+        self.objects_received = 0
+        self.status_counts: dict[int, int] = {}
+        self._pending: queue.Queue[tuple[np.ndarray, dict[str, Any], float]] = queue.Queue(max_pending_frames)
+        self._server: Any = None
+        self._pacer: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound (host, port); the port is the real one when 0 was asked for."""
+        if self._server is None:
+            return self.host, self.port
+        return self._server.server_address[:2]
+
+    def _start(self) -> None:
+        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+
+        ae = AE(ae_title=self.ae_title)
+        for uid in XRAY_STORAGE_SOP_CLASSES:
+            ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(VERIFICATION_SOP_CLASS)
+        ae.maximum_associations = self.max_associations
+        ae.maximum_pdu_size = self.max_pdu_size
+        if self.allowed_calling_aes:
+            ae.require_calling_aet = self.allowed_calling_aes
+        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, lambda event: 0x0000)]
+        try:
+            self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
+        except OSError as exc:
+            raise SourceError(f"cannot listen for DICOM on {self.host}:{self.port}: {exc}") from exc
+        self._pacer = threading.Thread(target=self._pace, name="source-dicom-pacer", daemon=True)
+        self._pacer.start()
+
+    def _answer(self, status: int, comment: str = "") -> Any:
+        with self._lock:
+            self.status_counts[status] = self.status_counts.get(status, 0) + 1
+        if status == STATUS_SUCCESS:
+            return status
+        from pydicom import Dataset
+
+        ds = Dataset()
+        ds.Status = status
+        if comment:
+            ds.ErrorComment = comment[:64]
+        return ds
+
+    def _on_store(self, event: Any) -> Any:
+        """C-STORE handler: decode, enqueue, answer. Never raises (pynetdicom would abort)."""
+        try:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+        except Exception as exc:
+            self.reject("cannot_understand", f"undecodable data set: {type(exc).__name__}")
+            return self._answer(STATUS_CANNOT_UNDERSTAND, "data set cannot be parsed")
+        requested = str(event.request.AffectedSOPClassUID)
+        if requested not in XRAY_STORAGE_SOP_CLASSES:
+            self.reject("sop_class_not_supported")
+            return self._answer(STATUS_SOP_CLASS_NOT_SUPPORTED, "SOP class not supported")
+        if str(ds.get("SOPClassUID", "")) != requested:
+            self.reject("dataset_mismatch")
+            return self._answer(STATUS_DATASET_MISMATCH, "SOPClassUID differs from the request")
+        try:
+            rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+            n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+        except (TypeError, ValueError):
+            self.reject("cannot_understand", "bad Rows/Columns/NumberOfFrames")
+            return self._answer(STATUS_CANNOT_UNDERSTAND, "bad Rows/Columns/NumberOfFrames")
+        if rows * cols > self.max_frame_pixels or n_frames > self.max_object_frames:
+            self.reject("too_large", f"{n_frames} frames of {rows}x{cols} exceed the configured limits")
+            return self._answer(STATUS_OUT_OF_RESOURCES, "frame size or count over the node's limit")
+        try:
+            frames = dataset_frames(ds)
+        except (ImageReadError, ValueError, TypeError, AttributeError, KeyError) as exc:
+            self.reject("cannot_understand", str(exc)[:300])
+            return self._answer(STATUS_CANNOT_UNDERSTAND, "pixel data cannot be decoded")
+        frame_time = frames[0][1].get("FrameTime")
+        interval = 0.0
+        if len(frames) > 1:
+            interval = frame_time / 1000.0 if frame_time else 1.0 / self.multiframe_fps
+        with self._lock:
+            if self._pending.maxsize - self._pending.qsize() < len(frames):
+                self.reject("queue_full")
+                return self._answer(STATUS_OUT_OF_RESOURCES, "frame queue is full")
+            for pixels, meta in frames:
+                meta["calling_ae"] = str(event.assoc.requestor.ae_title).strip()
+                self._pending.put_nowait((pixels, meta, interval))
+            self.objects_received += 1
+        return self._answer(STATUS_SUCCESS)
+
+    def _pace(self) -> None:
+        while not self._stop.is_set():
+            try:
+                pixels, meta, interval = self._pending.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            t0 = time.monotonic()
+            self.emit(pixels, meta)
+            if interval > 0 and self._stop.wait(max(0.0, interval - (time.monotonic() - t0))):
+                return
+
+    @property
+    def idle(self) -> bool:
+        """No frames waiting to be played into the stream (tests wait on it)."""
+        return self._pending.empty()
+
+    def _stop_impl(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        if self._pacer is not None:
+            self._pacer.join(timeout=5)
+        # Frames still queued never entered the stream; they are the source's, not the node's.
+        while not self._pending.empty():
+            self._pending.get_nowait()
+            self.reject("shutdown")
+
+    def describe(self) -> dict[str, Any]:
+        host, port = self.address
+        return {
+            **super().describe(),
+            "ae_title": self.ae_title,
+            "address": f"{host}:{port}",
+            "objects_received": self.objects_received,
+            "pending_frames": self._pending.qsize(),
+            "status_counts": {f"0x{k:04X}": v for k, v in sorted(self.status_counts.items())},
+        }
