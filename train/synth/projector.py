@@ -1,0 +1,162 @@
+"""The torch projector: per-material line integrals and every label's ray-crossing mask in one pass.
+
+Method (Joseph's slice method): the volume is cut into slices across the volume axis most parallel to the
+beam; each detector ray meets slice k at a point found by one multiply-add, and a 2D ``grid_sample`` on the
+stack of slices reads all rays at once (bilinear for densities, nearest for label bit-fields). The density
+samples sum to a line integral (each slice contributes slice spacing / |cos| of path), and the label bit-
+fields are OR-reduced along the ray, so one pass gives every label's mask (a pixel is in a mask where its ray
+crosses the label). 2D slice lookups are cache-friendly, which is why this is many times faster on CPU than 3D
+ray marching. Slices are processed in chunks to keep memory bounded. The same code runs on CPU and CUDA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from train.synth.geometry import Camera
+from train.synth.materials import MATERIAL_INDEX, MATERIAL_NAMES, MATERIALS
+from train.synth.volume import BITS_PER_CHANNEL, PreparedVolume
+
+
+class RayTool(Protocol):
+    """Anything that reports, per ray, the length (mm) of the ray inside it."""
+
+    category_id: int
+    material: str
+
+    def path_length(self, src: torch.Tensor, dirs: torch.Tensor, min_radius: float = 0.0) -> torch.Tensor: ...
+
+
+@dataclass
+class Projection:
+    """Per-material line integrals (g/cm², channels in ``MATERIAL_NAMES`` order) and hit masks."""
+
+    line_integrals: torch.Tensor  # (M, H, W) float32
+    label_hits: torch.Tensor  # (L, H, W) bool, rows follow label_ids
+    label_ids: list[int]
+    tool_hits: torch.Tensor  # (T, H, W) bool, one per tool instance
+    tool_ids: list[int]
+
+
+class _SliceStack:
+    """A volume cut along one axis, as grid_sample wants it: (n_slices, C, rows, cols)."""
+
+    def __init__(self, vol: torch.Tensor, affine: np.ndarray, axis: int):
+        self.axis = axis
+        rest = [a for a in range(3) if a != axis]
+        self.order = (axis, *rest)
+        self.data = vol.permute(1 + axis, 0, 1 + rest[0], 1 + rest[1]).contiguous()
+        self.inv = torch.from_numpy(np.linalg.inv(affine)[:3][list(self.order)].copy()).to(vol.device)
+        self.n = self.data.shape[0]
+        self.rows, self.cols = self.data.shape[2], self.data.shape[3]
+
+    def march(self, src: torch.Tensor, dirs: torch.Tensor, mode: str, chunk: int):
+        """Yield (samples (K, C, R), per-ray path per slice (R,)) for slice chunks in front of the source."""
+        p0 = self.inv[:, :3] @ src + self.inv[:, 3]
+        pd = dirs @ self.inv[:, :3].T  # index units per mm, in (axis, row, col) order
+        pa = pd[:, 0]
+        sign = 1.0 if float(pa.mean()) > 0 else -1.0
+        pa = torch.where(pa * sign > 1e-9, pa, torch.full_like(pa, sign * 1e-9))
+        # Ray meets slice k at t_k = (k - p0_a) / pa; in-slice coords are affine in k.
+        base_r = p0[1] - p0[0] * pd[:, 1] / pa
+        base_c = p0[2] - p0[0] * pd[:, 2] / pa
+        step_r, step_c = pd[:, 1] / pa, pd[:, 2] / pa
+        # Normalise to grid_sample's [-1, 1] (align_corners=True): x = cols, y = rows.
+        sx, sy = 2.0 / max(self.cols - 1, 1), 2.0 / max(self.rows - 1, 1)
+        a = torch.stack([base_c * sx - 1.0, base_r * sy - 1.0], -1).float()
+        b = torch.stack([step_c * sx, step_r * sy], -1).float()
+        k_lo = int(np.floor(float(p0[0]))) + 1 if sign > 0 else 0
+        k_hi = self.n if sign > 0 else min(self.n, int(np.ceil(float(p0[0]))))
+        k_lo = max(k_lo, 0)
+        seg = (1.0 / pa.abs()).float()  # mm of ray between consecutive slices
+        for k0 in range(k_lo, k_hi, chunk):
+            k1 = min(k0 + chunk, k_hi)
+            ks = torch.arange(k0, k1, dtype=torch.float32, device=src.device)
+            grid = torch.addcmul(a[None], ks[:, None, None], b[None])[:, None]  # (K, 1, R, 2)
+            out = F.grid_sample(self.data[k0:k1], grid, mode=mode, padding_mode="zeros", align_corners=True)
+            yield out[:, :, 0], seg
+
+
+class Projector:
+    """Projects a ``PreparedVolume`` (plus optional analytic tools) for any ``Camera``."""
+
+    def __init__(
+        self, volume: PreparedVolume, chunk_slices: int = 24, device: torch.device | str | None = None
+    ):
+        self.device = torch.device(device or volume.materials.device)
+        self.vol = volume.to(self.device)
+        self.chunk = chunk_slices
+        self.label_ids = list(volume.present_ids)
+        self._stacks: dict[tuple[str, int], _SliceStack] = {}
+
+    def _stack(self, kind: str, axis: int) -> _SliceStack:
+        key = (kind, axis)
+        if key not in self._stacks:
+            if kind == "mat":
+                self._stacks[key] = _SliceStack(self.vol.materials[0], self.vol.materials_affine, axis)
+            else:
+                self._stacks[key] = _SliceStack(self.vol.label_bits, self.vol.labels_affine, axis)
+        return self._stacks[key]
+
+    @staticmethod
+    def _main_axis(affine: np.ndarray, direction: np.ndarray) -> int:
+        d = np.linalg.inv(affine)[:3, :3] @ direction
+        d = d * np.linalg.norm(
+            affine[:3, :3], axis=0
+        )  # back to mm so anisotropic voxels don't bias the choice
+        return int(np.argmax(np.abs(d)))
+
+    @torch.no_grad()
+    def project(self, cam: Camera, tools: Sequence[RayTool] = (), with_labels: bool = True) -> Projection:
+        dev = self.device
+        h, w = cam.height, cam.width
+        src = torch.as_tensor(cam.source, dtype=torch.float64, device=dev)
+        pix = cam.pixel_world(dev).reshape(-1, 3)
+        dirs = pix - src
+        dirs = dirs / dirs.norm(dim=-1, keepdim=True)
+        beam = cam.axes[0]
+        n_mat = len(MATERIAL_NAMES)
+        li = torch.zeros(n_mat, h * w, dtype=torch.float32, device=dev)
+
+        stack = self._stack("mat", self._main_axis(self.vol.materials_affine, beam))
+        acc = torch.zeros(3, h * w, dtype=torch.float32, device=dev)
+        seg = None
+        for samples, seg_k in stack.march(src, dirs, "bilinear", self.chunk):
+            acc += samples.sum(0)
+            seg = seg_k
+        if seg is not None:
+            li[:3] = acc * (seg / 10.0)  # mm -> cm: g/cm³ * cm = g/cm²
+
+        n_lab = len(self.label_ids)
+        hits = torch.zeros(n_lab, h * w, dtype=torch.bool, device=dev)
+        if with_labels and n_lab:
+            lstack = self._stack("lab", self._main_axis(self.vol.labels_affine, beam))
+            bits = torch.zeros(lstack.data.shape[1], h * w, dtype=torch.int32, device=dev)
+            for samples, _ in lstack.march(src, dirs, "nearest", self.chunk):
+                s = samples.to(torch.int32)
+                for k in range(s.shape[0]):
+                    bits |= s[k]
+            shifts = torch.arange(BITS_PER_CHANNEL, dtype=torch.int32, device=dev)
+            unpacked = (bits[:, None, :] >> shifts[None, :, None]) & 1  # (C, 24, R)
+            hits = unpacked.reshape(-1, h * w)[:n_lab].bool()
+
+        tool_hits = torch.zeros(len(tools), h * w, dtype=torch.bool, device=dev)
+        footprint = 0.5 * cam.pixel_size * cam.sod / cam.sdd  # half a pixel, at the isocentre
+        for ti, tool in enumerate(tools):
+            length = tool.path_length(src, dirs, min_radius=footprint)  # mm
+            m = MATERIAL_INDEX[tool.material]
+            li[m] += (length * (MATERIALS[m].density / 10.0)).float()
+            tool_hits[ti] = length > 1e-3
+        return Projection(
+            line_integrals=li.reshape(n_mat, h, w),
+            label_hits=hits.reshape(n_lab, h, w),
+            label_ids=list(self.label_ids),
+            tool_hits=tool_hits.reshape(len(tools), h, w),
+            tool_ids=[t.category_id for t in tools],
+        )

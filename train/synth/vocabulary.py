@@ -1,0 +1,113 @@
+"""The prompt vocabulary (configs/vocabulary.yaml): structures, hierarchical groups and tools.
+
+One file serves the data engine and the node's prompt cache, so ids and canonical prompts cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_VOCABULARY = Path(__file__).resolve().parents[2] / "configs" / "vocabulary.yaml"
+
+
+class UnknownStructureError(KeyError):
+    """A structure, group or tool name that is not in the vocabulary."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class Category:
+    """One promptable category: an anatomical structure, a group, or a tool."""
+
+    id: int
+    name: str
+    prompt: str
+    phrasings: tuple[str, ...]
+    kind: str  # "structure" | "group" | "tool"
+    members: tuple[str, ...] = ()
+    material: str | None = None
+
+    def to_coco(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "supercategory": self.kind,
+            "prompt": self.prompt,
+            "phrasings": list(self.phrasings),
+        }
+
+
+class Vocabulary:
+    """Lookup and group resolution over the vocabulary file."""
+
+    def __init__(self, doc: dict[str, Any]):
+        self.categories: list[Category] = []
+        for kind, key in (("structure", "structures"), ("group", "groups"), ("tool", "tools")):
+            for e in doc.get(key, []):
+                self.categories.append(
+                    Category(
+                        id=int(e["id"]),
+                        name=str(e["name"]),
+                        prompt=str(e["prompt"]),
+                        phrasings=tuple(e.get("phrasings") or ()),
+                        kind=kind,
+                        members=tuple(e.get("members") or ()),
+                        material=e.get("material"),
+                    )
+                )
+        self.by_name = {c.name: c for c in self.categories}
+        self.by_id = {c.id: c for c in self.categories}
+        if len(self.by_name) != len(self.categories) or len(self.by_id) != len(self.categories):
+            raise ValueError("vocabulary has duplicate names or ids")
+        self.structures_by_id = {c.id: c for c in self.categories if c.kind == "structure"}
+        self.tools = [c for c in self.categories if c.kind == "tool"]
+        self.groups = [c for c in self.categories if c.kind == "group"]
+        for g in self.groups:
+            self.leaves(g.name)  # validates members and cycles eagerly
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> Vocabulary:
+        with open(path or DEFAULT_VOCABULARY) as f:
+            return cls(yaml.safe_load(f))
+
+    def get(self, name: str) -> Category:
+        """Category by name; unknown names raise with the closest known names."""
+        if name in self.by_name:
+            return self.by_name[name]
+        close = difflib.get_close_matches(name, list(self.by_name), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise UnknownStructureError(f"unknown structure name {name!r}{hint}")
+
+    def structure_id(self, name: str) -> int:
+        cat = self.get(name)
+        if cat.kind != "structure":
+            raise UnknownStructureError(f"{name!r} is a {cat.kind}, not a TotalSegmentator structure")
+        return cat.id
+
+    def leaves(self, name: str, _stack: tuple[str, ...] = ()) -> list[str]:
+        """Structure and tool names a category stands for (groups flattened recursively)."""
+        if name in _stack:
+            raise ValueError(f"group cycle: {' -> '.join((*_stack, name))}")
+        cat = self.get(name)
+        if cat.kind != "group":
+            return [cat.name]
+        out: list[str] = []
+        for m in cat.members:
+            for leaf in self.leaves(m, (*_stack, name)):
+                if leaf not in out:
+                    out.append(leaf)
+        return out
+
+    def group_member_ids(self) -> dict[int, list[int]]:
+        """Group id -> ids of its leaf structures/tools."""
+        return {g.id: [self.by_name[n].id for n in self.leaves(g.name)] for g in self.groups}
+
+    def coco_categories(self) -> list[dict[str, Any]]:
+        return [c.to_coco() for c in self.categories]
