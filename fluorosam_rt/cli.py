@@ -152,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--checkpoint", help="small model weights (default: embedded model or random init)")
     bench.add_argument("--json", help="write results here")
     bench.set_defaults(func=cmd_bench_model)
+
+    from .node_cli import add_node_commands
+
+    add_node_commands(sub)
     return parser
 
 
@@ -160,11 +164,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from .checkpoint import CheckpointError
     from .imageio import ImageReadError
+    from .node_config import NodeConfigError
     from .prompts import PromptError
+    from .sources import SourceError
 
     try:
         return int(args.func(args) or 0)
-    except (UsageError, CheckpointError, ImageReadError, PromptError, FileNotFoundError) as exc:
+    except (
+        UsageError,
+        CheckpointError,
+        ImageReadError,
+        PromptError,
+        FileNotFoundError,
+        NodeConfigError,
+        SourceError,
+        OSError,
+    ) as exc:
         print(f"fluorosam-rt {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
