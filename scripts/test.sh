@@ -6,6 +6,10 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup.sh
+# The DICOM ingest tests use a real client nobody here wrote: dcmtk's storescu (Debian package).
+if ! command -v storescu >/dev/null 2>&1; then
+  (apt-get update -qq && apt-get install -y -qq dcmtk) >/dev/null || echo "[test] could not install dcmtk" >&2
+fi
 marker=(-m "not slow")
 args=()
 for a in "$@"; do

@@ -1,0 +1,152 @@
+"""The wire protocol: round trips, the stated mask sizes, typed errors for bad input, no torch."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+
+from bridge.protocol import (
+    PROTOCOL_VERSION,
+    MaskMessage,
+    PromptResult,
+    ProtocolError,
+    ProtocolVersionError,
+    decode_message,
+    encode_message,
+    mask_shape,
+)
+
+BRIDGE = Path(__file__).resolve().parents[1] / "bridge"
+
+
+def _message(encoding: str = "u8", downsample: int = 1, with_image: bool = False) -> MaskMessage:
+    rng = np.random.default_rng(0)
+    shape = mask_shape((37, 53), downsample)
+    prompts = [
+        PromptResult(
+            id=f"p{i}",
+            text=f"structure {i}",
+            score=0.5 - i,
+            present=i == 0,
+            mask=rng.integers(0, 2, shape, np.uint8),
+        )
+        for i in range(3)
+    ]
+    return MaskMessage(
+        stream="carm0",
+        frame_id=41,
+        seq=7,
+        timestamps_ns={"received": 1_000_000, "published": 3_500_000},
+        source={"source": "dicom", "SOPInstanceUID": "1.2.3", "frame_index": 2},
+        geometry={"ImagerPixelSpacing": (0.2, 0.2), "DistanceSourceToDetector": 1000.0},
+        source_shape=(37, 53),
+        downsample=downsample,
+        encoding=encoding,
+        prompts=prompts,
+        image=rng.integers(0, 255, shape, np.uint8) if with_image else None,
+    )
+
+
+@pytest.mark.parametrize("encoding", ["u8", "bits"])
+@pytest.mark.parametrize("downsample", [1, 4])
+def test_round_trip(encoding, downsample):
+    msg = _message(encoding, downsample, with_image=True)
+    frames = encode_message(msg)
+    assert frames[0] == b"carm0"
+    assert len(frames) == 2 + 3 + 1
+    back = decode_message([bytes(f) for f in frames])
+    assert back.frame_id == 41
+    assert back.seq == 7
+    assert back.version == PROTOCOL_VERSION
+    assert back.mask_shape == mask_shape((37, 53), downsample)
+    assert back.geometry["ImagerPixelSpacing"] == [0.2, 0.2]
+    assert back.latency_ms() == pytest.approx(2.5)
+    for a, b in zip(msg.prompts, back.prompts):
+        assert (a.id, a.text, a.present) == (b.id, b.text, b.present)
+        np.testing.assert_array_equal(a.mask, b.mask)
+    np.testing.assert_array_equal(msg.image, back.image)
+
+
+def test_bit_packing_is_eight_times_smaller():
+    u8 = encode_message(_message("u8"))
+    bits = encode_message(_message("bits"))
+    assert len(bytes(u8[2])) == 37 * 53
+    assert len(bytes(bits[2])) == -(-37 * 53 // 8)
+
+
+def test_mask_shape_covers_every_source_pixel():
+    assert mask_shape((512, 512), 1) == (512, 512)
+    assert mask_shape((513, 510), 4) == (129, 128)
+
+
+def test_version_mismatch_is_a_typed_error():
+    frames = [bytes(f) for f in encode_message(_message())]
+    header = msgpack.unpackb(frames[1])
+    header["v"] = PROTOCOL_VERSION + 1
+    frames[1] = msgpack.packb(header)
+    with pytest.raises(ProtocolVersionError, match="protocol version"):
+        decode_message(frames)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda f: f[:3], "parts"),  # payloads missing
+        (lambda f: [f[0], f[1][:-5], *f[2:]], "msgpack"),  # truncated header
+        (lambda f: [f[0], f[1], f[2][:-1], *f[3:]], "payload"),  # truncated mask
+        (lambda f: [b"other", *f[1:]], "topic"),
+        (lambda f: [f[0]], "at least 2"),
+        (lambda f: [f[0], msgpack.packb([1, 2]), *f[2:]], "not a map"),
+        (lambda f: [f[0], b"\xc1" * 10, *f[2:]], "msgpack"),
+    ],
+)
+def test_malformed_messages_raise_protocol_error(mutate, match):
+    frames = [bytes(f) for f in encode_message(_message())]
+    with pytest.raises(ProtocolError, match=match):
+        decode_message(mutate(frames))
+
+
+def test_header_with_inconsistent_sizes_is_rejected():
+    frames = [bytes(f) for f in encode_message(_message())]
+    header = msgpack.unpackb(frames[1])
+    header["mask"]["height"] = 10**6
+    frames[1] = msgpack.packb(header)
+    with pytest.raises(ProtocolError, match="out of range"):
+        decode_message(frames)
+
+
+def test_bridge_imports_only_numpy_zmq_msgpack():
+    """Static: no module in bridge/ imports anything outside the allowed set (torch above all)."""
+    allowed = {"numpy", "zmq", "msgpack", "bridge", "__future__"} | set(sys.stdlib_module_names)
+    for path in BRIDGE.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            for name in names:
+                assert name.split(".")[0] in allowed, f"{path.name} imports {name}"
+
+
+def test_bridge_works_with_torch_unimportable():
+    """Dynamic: with torch made unimportable, the bridge still imports and round-trips."""
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import bridge, numpy as np\n"
+        "from bridge.protocol import MaskMessage, PromptResult\n"
+        "p = PromptResult('a', 'a', 1.0, True, np.ones((4, 4), np.uint8))\n"
+        "m = MaskMessage('s', 1, 0, {}, {}, {}, (4, 4), 1, 'bits', [p])\n"
+        "back = bridge.decode_message([bytes(f) for f in bridge.encode_message(m)])\n"
+        "assert back.prompts[0].mask.sum() == 16\n"
+        "assert 'torch' not in [k for k, v in sys.modules.items() if v is not None]\n"
+    )
+    root = BRIDGE.parent
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
