@@ -76,8 +76,15 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if bundle.report is not None and not bundle.report.ok:
         print(bundle.report.summary(), file=sys.stderr)
     threshold = args.presence_threshold if args.presence_threshold is not None else bundle.presence_threshold
+    from engines.select import EngineOptions, create_engine
+
+    engine = create_engine(args.engine, bundle.model, EngineOptions(threads=args.engine_threads))
     predictor = Predictor(
-        bundle.model, bundle.text_encoder, presence_threshold=threshold, mask_threshold=args.mask_threshold
+        bundle.model,
+        bundle.text_encoder,
+        presence_threshold=threshold,
+        mask_threshold=args.mask_threshold,
+        engine=engine,
     )
     predictor.set_image(image.pixels)
     results = predictor.predict(prompts)
@@ -141,6 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--mask-threshold", type=float, default=0.0, help="logit threshold (SAM: 0.0)")
     seg.add_argument("--presence-threshold", type=float, help="override the model's calibrated threshold")
     seg.add_argument("--out", required=True, help="output folder")
+    seg.add_argument(
+        "--engine",
+        default="torch",
+        choices=["auto", "trt", "torch-compiled", "onnxruntime", "torch"],
+        help="inference back end (auto: fastest that loads here; see docs/engines.md)",
+    )
+    seg.add_argument(
+        "--engine-threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: default)"
+    )
     seg.set_defaults(func=cmd_segment)
 
     bench = sub.add_parser("bench-model", help="time image encoding and K-prompt decoding on this machine")
@@ -153,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", help="write results here")
     bench.set_defaults(func=cmd_bench_model)
 
+    from engines.commands import add_engine_parser
+
+    add_engine_parser(sub)
+
     from .node_cli import add_node_commands
 
     add_node_commands(sub)
@@ -162,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from engines.base import EngineError
+
     from .checkpoint import CheckpointError
     from .imageio import ImageReadError
     from .node_config import NodeConfigError
@@ -179,6 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         NodeConfigError,
         SourceError,
         OSError,
+        EngineError,
     ) as exc:
         print(f"fluorosam-rt {args.command}: error: {exc}", file=sys.stderr)
         return 2
