@@ -27,11 +27,14 @@ class Subscriber:
         connect: str | list[str],
         topic: str = "",
         rcvhwm: int = 2,
+        rcvbuf: int = 0,
         context: zmq.Context | None = None,
     ) -> None:
         self._ctx = context or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.SUB)
         self._sock.setsockopt(zmq.RCVHWM, rcvhwm)
+        if rcvbuf:  # bytes the kernel may buffer: bounds how stale a slow reader's frames can be
+            self._sock.setsockopt(zmq.RCVBUF, rcvbuf)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
         for ep in [connect] if isinstance(connect, str) else connect:
