@@ -1,4 +1,4 @@
-"""Speed comparison of the synthetic projector with diffdrr's renderer: ``python benchmarks/synth_bench.py``."""
+"""Speed of the synthetic projector next to diffdrr's renderer: ``python benchmarks/synth_bench.py``."""
 
 from __future__ import annotations
 

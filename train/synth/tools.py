@@ -106,7 +106,8 @@ class Tool:
         """Path length (mm) per ray.
 
         Cylinders thinner than ``min_radius`` (about half a pixel's footprint) are traced at ``min_radius``
-        with lengths scaled by (r / min_radius)², which keeps their integrated attenuation but stops sub-pixel wires from breaking into dashes between pixel-centre rays."""
+        with lengths scaled by (r / min_radius)², which keeps their integrated attenuation but stops
+        sub-pixel wires from breaking into dashes between pixel-centre rays."""
         c, rad = self.bounds()
         rad += min_radius
         ct = torch.as_tensor(c, dtype=dirs.dtype, device=dirs.device)
