@@ -77,6 +77,7 @@ class MaskMessage:
     prompts: list[PromptResult] = field(default_factory=list)
     image: np.ndarray | None = None  # optional uint8 preview of the source, at the mask size
     version: int = PROTOCOL_VERSION
+    model: str = ""  # optional: the model that made the masks (a DICOM SEG names its algorithm)
 
     @property
     def mask_shape(self) -> tuple[int, int]:
@@ -165,6 +166,8 @@ def encode_message(msg: MaskMessage) -> list[bytes | np.ndarray]:
             for p in msg.prompts
         ],
     }
+    if msg.model:
+        header["model"] = str(msg.model)
     if msg.image is not None:
         img = np.ascontiguousarray(msg.image, dtype=np.uint8)
         if img.shape != shape:
@@ -198,6 +201,7 @@ def decode_header(buf: bytes | memoryview) -> dict[str, Any]:
         _need(isinstance(header.get(key), typ), f"header field {key!r} is missing or not a {typ.__name__}")
     for key in ("source", "geometry"):
         _need(isinstance(header.get(key, {}), dict), f"header field {key!r} is not a map")
+    _need(isinstance(header.get("model", ""), str), "header field 'model' is not a string")
     m = header["mask"]
     for key in ("height", "width", "downsample", "source_height", "source_width"):
         v = m.get(key)
@@ -262,4 +266,5 @@ def decode_message(frames: Sequence[bytes | memoryview]) -> MaskMessage:
         prompts=prompts,
         image=image,
         version=header["v"],
+        model=header.get("model", ""),
     )

@@ -21,6 +21,54 @@ class SubscriberTimeout(TimeoutError):
     """No message arrived within the timeout."""
 
 
+class FrameGapError(RuntimeError):
+    """Messages were lost between node and subscriber (raised only when asked: ``on_gap="raise"``).
+
+    A navigation display may prefer to blank its overlay rather than keep showing anatomy whose
+    age it cannot vouch for; the message says how many were lost and between which frames.
+    """
+
+    def __init__(self, message: str, lost: int, message_obj: MaskMessage) -> None:
+        super().__init__(message)
+        self.lost = lost
+        self.message = message_obj  # the newest message, still usable
+
+
+class GapTracker:
+    """Tells lost messages (seq jumps) from frames the node dropped itself (frame_id jumps).
+
+    Shared by the blocking and the asyncio subscriber so that both count the same way.
+    """
+
+    def __init__(self) -> None:
+        self.received = 0  # messages handed to the caller
+        self.skipped = 0  # older messages discarded because a newer one was waiting
+        self.lost = 0  # messages the publisher sent that never arrived (seq gaps)
+        self.node_dropped = 0  # frame ids the node never published (its own latest-frame-wins)
+        self.last: MaskMessage | None = None
+
+    def update(self, msg: MaskMessage, skipped_now: int) -> int:
+        """Account for one handed-out message; returns how many messages were lost just before it."""
+        self.skipped += skipped_now
+        prev, lost_now = self.last, 0
+        if prev is not None and msg.seq > prev.seq:
+            seq_gap = msg.seq - prev.seq - 1
+            lost_now = max(0, seq_gap - skipped_now)
+            self.lost += lost_now
+            self.node_dropped += max(0, (msg.frame_id - prev.frame_id - 1) - seq_gap)
+        self.last = msg
+        self.received += 1
+        return lost_now
+
+    def gap_error(self, msg: MaskMessage, lost_now: int, prev_frame: int | None) -> FrameGapError:
+        return FrameGapError(
+            f"{lost_now} message(s) lost between frame {prev_frame} and frame {msg.frame_id} "
+            f"of stream {msg.stream!r} (publisher seq {msg.seq}); the network or this reader is too slow",
+            lost_now,
+            msg,
+        )
+
+
 class Subscriber:
     def __init__(
         self,
@@ -29,7 +77,12 @@ class Subscriber:
         rcvhwm: int = 2,
         rcvbuf: int = 0,
         context: zmq.Context | None = None,
+        on_gap: str = "count",
     ) -> None:
+        if on_gap not in ("count", "raise"):
+            raise ValueError(f"on_gap must be 'count' or 'raise', got {on_gap!r}")
+        self.on_gap = on_gap
+        self.gaps = GapTracker()
         self._ctx = context or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.SUB)
         self._sock.setsockopt(zmq.RCVHWM, rcvhwm)
@@ -39,14 +92,19 @@ class Subscriber:
         self._sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
         for ep in [connect] if isinstance(connect, str) else connect:
             self._sock.connect(ep)
-        self.received = 0  # messages handed to the caller
-        self.skipped = 0  # older messages discarded because a newer one was waiting
-        self.lost = 0  # messages the publisher sent that never arrived (seq gaps)
-        self.node_dropped = 0  # frame ids the node never published (its own latest-frame-wins)
-        self._last: MaskMessage | None = None
+
+    # Counters live in the shared GapTracker; these keep the original attribute names.
+    received = property(lambda self: self.gaps.received)
+    skipped = property(lambda self: self.gaps.skipped)
+    lost = property(lambda self: self.gaps.lost)
+    node_dropped = property(lambda self: self.gaps.node_dropped)
 
     def receive(self, timeout: float | None = None, newest: bool = True) -> MaskMessage:
-        """The newest message (or the next one, newest=False). Raises SubscriberTimeout."""
+        """The newest message (or the next one, newest=False).
+
+        Raises SubscriberTimeout, ProtocolError/ProtocolVersionError for a message this side
+        cannot read, and FrameGapError after lost messages when ``on_gap="raise"``.
+        """
         ms = -1 if timeout is None else max(0, int(timeout * 1000))
         if not self._sock.poll(ms):
             raise SubscriberTimeout(f"no message within {timeout} s")
@@ -56,15 +114,11 @@ class Subscriber:
             while self._sock.poll(0):
                 frames = self._sock.recv_multipart(copy=False)
                 skipped_now += 1
-        self.skipped += skipped_now
         msg = decode_message([f.buffer for f in frames])
-        prev = self._last
-        if prev is not None and msg.seq > prev.seq:
-            seq_gap = msg.seq - prev.seq - 1
-            self.lost += max(0, seq_gap - skipped_now)
-            self.node_dropped += max(0, (msg.frame_id - prev.frame_id - 1) - seq_gap)
-        self._last = msg
-        self.received += 1
+        prev_frame = self.gaps.last.frame_id if self.gaps.last is not None else None
+        lost_now = self.gaps.update(msg, skipped_now)
+        if lost_now and self.on_gap == "raise":
+            raise self.gaps.gap_error(msg, lost_now, prev_frame)
         return msg
 
     def __iter__(self) -> Iterator[MaskMessage]:

@@ -176,10 +176,18 @@ def build_parser() -> argparse.ArgumentParser:
     from .node_cli import add_node_commands
 
     add_node_commands(sub)
+    # Listed for --help only: main() hands "bridge ..." to bridge.cli before this parser exists.
+    sub.add_parser("bridge", help="torch-free relays: OpenIGTLink, DICOM SEG archive, recorder (see bridge -h)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bridge"]:
+        # Runs where the model stack is absent: building this module's parser would import torch.
+        from bridge.cli import main as bridge_main
+
+        return bridge_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     from engines.base import EngineError

@@ -21,7 +21,7 @@ import logging
 import math
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from bridge.protocol import MaskMessage, PromptResult, mask_shape
 from engines.base import Engine
 
+from .flow import FlowRing
 from .overlay import to_display_u8
 from .predictor import Predictor
 from .prompts import Prompt
@@ -103,56 +104,6 @@ class Accounting:
             }
 
 
-STAGE_PAIRS = (
-    ("queue", "received", "dequeued"),
-    ("preprocess", "dequeued", "preprocessed"),
-    ("encode", "preprocessed", "encoded"),
-    ("decode", "encoded", "decoded"),
-    ("postprocess", "decoded", "postprocessed"),
-    ("publish_wait", "postprocessed", "published"),
-    ("end_to_end", "received", "published"),
-    ("source_to_published", "source", "published"),
-)
-
-
-class LatencyStats:
-    """Per-stage durations of the last N published frames, for status and the benchmark."""
-
-    def __init__(self, window: int = 1000) -> None:
-        self._rows: deque[dict[str, int]] = deque(maxlen=window)
-        self._published_at: deque[float] = deque(maxlen=window)
-        self._lock = threading.Lock()
-
-    def add(self, t: dict[str, int]) -> None:
-        with self._lock:
-            self._rows.append(dict(t))
-            self._published_at.append(time.monotonic())
-
-    def fps(self, horizon_s: float = 2.0) -> float:
-        with self._lock:
-            now = time.monotonic()
-            recent = [t for t in self._published_at if now - t <= horizon_s]
-        if len(recent) < 2:
-            return 0.0
-        span = recent[-1] - recent[0]
-        return (len(recent) - 1) / span if span > 0 else 0.0
-
-    def summary(self) -> dict[str, dict[str, float]]:
-        with self._lock:
-            rows = list(self._rows)
-        out: dict[str, dict[str, float]] = {}
-        for name, a, b in STAGE_PAIRS:
-            ms = np.array([(r[b] - r[a]) / 1e6 for r in rows if a in r and b in r], dtype=np.float64)
-            if ms.size:
-                out[name] = {
-                    "p50_ms": float(np.percentile(ms, 50)),
-                    "p99_ms": float(np.percentile(ms, 99)),
-                    "max_ms": float(ms.max()),
-                    "n": int(ms.size),
-                }
-        return out
-
-
 # --------------------------------------------------------------------------- the node
 
 
@@ -209,7 +160,10 @@ class Node:
         self.model_name = model_name
         self.prompts = ActivePrompts(predictor.add_prompts, max_prompts=max_prompts)
         self.accounting = Accounting()
-        self.latency = LatencyStats(stats_window)
+        # Flow tracking: the newest frames' stage stamps in a preallocated ring; ``latency`` is
+        # the name status/stats readers have always used.
+        self.flow = FlowRing(max(4096, stats_window), window=stats_window)
+        self.latency = self.flow
         self.consecutive_failures = 0
         self.engine_switches: list[dict[str, Any]] = []
         self.last_error = ""
@@ -397,7 +351,7 @@ class Node:
                 self.accounting.drop("publish_error")
                 continue
             self.accounting.publish()
-            self.latency.add(done.t)
+            self.flow.record(done.frame.frame_id, done.t)
 
     def _message(self, done: Processed) -> MaskMessage:
         meta = done.frame.meta
@@ -418,6 +372,7 @@ class Node:
                 for p, s, pr, m in zip(done.prompts, done.scores, done.present, done.masks)
             ],
             image=done.image,
+            model=self.model_name,
         )
 
     # -- what control reports ---------------------------------------------------------------
@@ -446,6 +401,11 @@ class Node:
             **self.accounting.snapshot(),
             "fps": round(self.latency.fps(), 3),
             "latency": self.latency.summary(),
+            "flow": {
+                "recorded": self.flow.count,
+                "window": self.flow.window,
+                "clock_steps": self.flow.clock_steps,
+            },
             "text_encodes": self.predictor.cache.encode_count,
             "image_encodes": self.predictor.image_encode_count,
             "consecutive_failures": self.consecutive_failures,
