@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_node_commands(sub)
     # Listed for --help only: main() hands "bridge ..." to bridge.cli before this parser exists.
-    sub.add_parser("bridge", help="torch-free relays: OpenIGTLink, DICOM SEG archive, recorder (see bridge -h)")
+    sub.add_parser("bridge", help="torch-free relays: OpenIGTLink, DICOM SEG, recorder (bridge -h)")
     return parser
 
 
