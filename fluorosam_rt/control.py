@@ -10,6 +10,7 @@ Requests (see docs/protocol.md):
   {"cmd": "remove", "ids": ["id", ...]}
   {"cmd": "set", "prompts": [PROMPT, ...]}
   {"cmd": "list"} | {"cmd": "status"} | {"cmd": "stats"} | {"cmd": "shutdown"}
+  {"cmd": "flow", "since"?: N, "limit"?: N}    raw flow-tracking rows (monotonic ns per stage)
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from .prompts import Prompt, PromptError
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 64 * 1024
-COMMANDS = ("add", "remove", "set", "list", "status", "stats", "shutdown")
+COMMANDS = ("add", "remove", "set", "list", "status", "stats", "flow", "shutdown")
+MAX_FLOW_ROWS = 4096
 
 
 class CommandError(ValueError):
@@ -49,6 +51,8 @@ def parse_request(raw: bytes) -> dict[str, Any]:
     if cmd not in COMMANDS:
         raise CommandError("unknown_command", f"unknown command {cmd!r}; expected one of {list(COMMANDS)}")
     allowed = {"cmd", "prompts"} if cmd in ("add", "set") else {"cmd", "ids"} if cmd == "remove" else {"cmd"}
+    if cmd == "flow":
+        allowed = {"cmd", "since", "limit"}
     extra = sorted(set(req) - allowed)
     if extra:
         raise CommandError("bad_request", f"unknown field(s) {extra} for command {cmd!r}")
@@ -61,6 +65,11 @@ def parse_request(raw: bytes) -> dict[str, Any]:
         ids = req.get("ids")
         if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
             raise CommandError("bad_request", "'remove' needs 'ids': a non-empty list of strings")
+    if cmd == "flow":
+        for key, default, hi in (("since", 0, 2**62), ("limit", MAX_FLOW_ROWS, MAX_FLOW_ROWS)):
+            v = req.setdefault(key, default)
+            if type(v) is not int or not 0 <= v <= hi:
+                raise CommandError("bad_request", f"'flow' field {key!r} must be an integer in [0, {hi}]")
     return req
 
 
@@ -164,6 +173,8 @@ class ControlServer:
             return {"status": self.node.status()}
         elif cmd == "stats":
             return {"stats": self.node.stats()}
+        elif cmd == "flow":
+            return {"flow": self.node.flow.export(since=req["since"], limit=req["limit"])}
         else:
             return {"shutdown": True}
         return {"prompts": [prompt_dict(p) for p in active]}

@@ -87,20 +87,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = build_app(settings)
     _install_signal_handlers(app)
     app.start()
+    metrics = _start_metrics(args.metrics, app, settings.stream) if args.metrics else None
     ready = {
         "event": "ready",
         "stream": settings.stream,
         "publish": app.node.publisher.endpoints,
         "control": app.control.endpoint if app.control else None,
         "source": app.node.source.describe(),
+        "metrics": f"http://{metrics.address[0]}:{metrics.address[1]}/metrics" if metrics else None,
     }
     print(json.dumps(ready), flush=True)
     try:
         app.node.run(until_source_finished=not args.keep_running, timeout=args.max_seconds)
     finally:
+        if metrics is not None:
+            metrics.stop()
         final = app.stop()
     print(json.dumps({"event": "stopped", **final}), flush=True)
     return 0
+
+
+def _start_metrics(spec: str, app: Any, stream: str) -> Any:
+    """Prometheus text metrics of the node's flow tracking at http://HOST:PORT/metrics."""
+    from .flow import MetricsServer, prometheus_text
+
+    host, sep, port = spec.rpartition(":")
+    if not sep or not port.isdigit():
+        raise _usage(f"bad --metrics {spec!r}: expected HOST:PORT (e.g. 127.0.0.1:9108)")
+    server = MetricsServer(lambda: prometheus_text(app.node.stats(), stream), host or "127.0.0.1", int(port))
+    server.start()
+    return server
 
 
 # --------------------------------------------------------------------------- prompts
@@ -127,7 +143,7 @@ def cmd_prompts(args: argparse.Namespace) -> int:
         err = reply.get("error", {})
         print(f"fluorosam-rt prompts: error: {err.get('message')} ({err.get('code')})", file=sys.stderr)
         return 1
-    if args.json or args.action in ("status", "stats"):
+    if args.json or args.action in ("status", "stats", "flow"):
         print(json.dumps(reply, indent=2))
     else:
         for p in reply.get("prompts", []):
@@ -348,10 +364,11 @@ def add_node_commands(sub: Any) -> None:
     serve.add_argument("--include-image", action="store_true", help="publish a uint8 preview of each frame")
     serve.add_argument("--keep-running", action="store_true", help="do not exit when a replay/file ends")
     serve.add_argument("--max-seconds", type=float, help="stop after this long (tests, soak runs)")
+    serve.add_argument("--metrics", help="serve Prometheus text metrics at http://HOST:PORT/metrics")
     serve.set_defaults(func=cmd_serve)
 
     pr = sub.add_parser("prompts", help="change or list a running node's prompts")
-    pr.add_argument("action", choices=["add", "remove", "set", "list", "status", "stats"])
+    pr.add_argument("action", choices=["add", "remove", "set", "list", "status", "stats", "flow"])
     pr.add_argument("items", nargs="*", help="prompt texts (add/set) or ids (remove)")
     pr.add_argument("--control", default="tcp://127.0.0.1:5556", help="the node's control endpoint")
     pr.add_argument("--timeout", type=float, default=10.0)
