@@ -372,6 +372,7 @@ class Node:
                 for p, s, pr, m in zip(done.prompts, done.scores, done.present, done.masks)
             ],
             image=done.image,
+            model=self.model_name,
         )
 
     # -- what control reports ---------------------------------------------------------------
