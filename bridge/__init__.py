@@ -4,6 +4,7 @@ Depends only on numpy, pyzmq and msgpack, so navigation systems can consume mask
 installing the model stack.
 """
 
+from .aio import AsyncSubscriber
 from .protocol import (
     PROTOCOL_VERSION,
     MaskMessage,
@@ -13,10 +14,12 @@ from .protocol import (
     decode_message,
     encode_message,
 )
-from .subscriber import Subscriber, SubscriberTimeout
+from .subscriber import FrameGapError, Subscriber, SubscriberTimeout
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "AsyncSubscriber",
+    "FrameGapError",
     "MaskMessage",
     "PromptResult",
     "ProtocolError",

@@ -10,6 +10,10 @@ bash scripts/setup.sh
 if ! command -v storescu >/dev/null 2>&1; then
   (apt-get update -qq && apt-get install -y -qq dcmtk) >/dev/null || echo "[test] could not install dcmtk" >&2
 fi
+# The C subscriber test (tests/test_bridge_integration.py) builds bridge/c against libzmq.
+if command -v cc >/dev/null 2>&1 && [ ! -e /usr/include/zmq.h ]; then
+  (apt-get update -qq && apt-get install -y -qq libzmq3-dev) >/dev/null || echo "[test] could not install libzmq3-dev" >&2
+fi
 marker=(-m "not slow")
 args=()
 for a in "$@"; do
