@@ -434,3 +434,42 @@ def test_demo_without_the_embedded_model_says_what_to_do(capsys):
 
 def test_storescu_is_available():
     assert shutil.which("storescu"), "dcmtk's storescu is needed by the DICOM tests"
+
+
+# --------------------------------------------------------------------------- engines
+
+
+@pytest.mark.parametrize("engine", ["torch", "onnxruntime"])
+def test_node_runs_on_each_cpu_engine_with_the_same_masks(tmp_path, bundle, reference, engine):
+    """`--engine onnxruntime` and `--engine torch` both run the node and agree with the reference."""
+    img = np.zeros((96, 128), np.uint8)
+    cv2.circle(img, (70, 48), 30, 200, -1)
+    (tmp_path / "frames").mkdir()
+    cv2.imwrite(str(tmp_path / "frames" / "0.png"), img)
+    settings = load_settings(
+        None,
+        {
+            "source": {"kind": "replay", "path": str(tmp_path / "frames"), "fps": 20, "loop": True},
+            "publish": {"endpoints": [f"ipc://{tmp_path}/masks"]},
+            "model": {"engine": engine},
+            "prompts": ["lungs", "heart"],
+        },
+    )
+    app = build_app(settings, bundle=bundle)
+    assert app.node.predictor.engine.name == engine
+    sub = Subscriber(f"ipc://{tmp_path}/masks", topic="carm0")
+    try:
+        time.sleep(0.2)
+        app.start()
+        msgs = list(sub.messages(3, timeout=30, newest=False))
+    finally:
+        sub.close()
+        final = app.stop()
+    assert_accounting(final)
+    assert len(msgs) == 3
+    reference.set_image(img)
+    expected = reference.predict(["lungs", "heart"])
+    for msg in msgs:
+        for got, want in zip(msg.prompts, expected):
+            assert mask_mismatch(got.mask, want.mask) < 1e-3
+            assert got.score == pytest.approx(want.score, abs=1e-3)
