@@ -129,6 +129,7 @@ def build_parser(prog: str = "fluorosam-rt bridge") -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, prog: str = "fluorosam-rt bridge") -> int:
     args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # it logs every module it copies
     try:
         return int(args.func(args) or 0)
     except (OSError, ProtocolError, ValueError, ImportError) as exc:
