@@ -187,6 +187,8 @@ class SegArchive:
             series_description="fluorosam-rt segmentation",
         )
         self._point_at_source_frame(seg, msg)
+        # General Image: Type 2C without an Image Orientation (Patient), which a projection lacks.
+        seg.PatientOrientation = msg.source.get("PatientOrientation", "") or ""
         for item in seg.get("SharedFunctionalGroupsSequence", []):
             measures = item.get("PixelMeasuresSequence")
             if measures is not None and not any(len(m) for m in measures):

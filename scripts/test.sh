@@ -14,6 +14,10 @@ fi
 if command -v cc >/dev/null 2>&1 && [ ! -e /usr/include/zmq.h ]; then
   (apt-get update -qq && apt-get install -y -qq libzmq3-dev) >/dev/null || echo "[test] could not install libzmq3-dev" >&2
 fi
+# dicom3tools' dciodvfy validates the bridge's DICOM SEG objects (dcmtk has no IOD validator).
+if ! command -v dciodvfy >/dev/null 2>&1; then
+  (apt-get update -qq && apt-get install -y -qq dicom3tools) >/dev/null || echo "[test] could not install dicom3tools" >&2
+fi
 marker=(-m "not slow")
 args=()
 for a in "$@"; do

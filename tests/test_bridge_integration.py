@@ -169,6 +169,12 @@ def test_storescu_to_node_to_dicom_seg(tmp_path, bundle, shared_dir):  # noqa: F
         for f in files:
             proc = subprocess.run([dcmdump, "-q", "+E", str(f)], capture_output=True, text=True, timeout=30)
             assert proc.returncode == 0, proc.stderr
+    dciodvfy = shutil.which("dciodvfy")  # dicom3tools' IOD validator, where installed
+    if dciodvfy:
+        for f in files:
+            proc = subprocess.run([dciodvfy, str(f)], capture_output=True, text=True, timeout=30)
+            errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Error")]
+            assert not errors, errors
 
 
 # --------------------------------------------------------------------------- C subscriber
