@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -14,9 +15,16 @@ from .base import Engine
 class TorchEngine(Engine):
     name = "torch"
 
-    def __init__(self, model: FluoroSAM, device: str | torch.device = "cpu") -> None:
+    def __init__(self, model: FluoroSAM, device: str | torch.device = "cpu", fuse: bool = True) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        self.image_encoder = self.model.image_encoder
+        small = getattr(self.image_encoder, "small", None)
+        if fuse and small is not None:
+            # Fold BatchNorm into the convs on a private copy: the model itself stays trainable
+            # and its state dict unchanged, while the frame path saves one op per conv.
+            self.image_encoder = copy.deepcopy(self.image_encoder)
+            self.image_encoder.small.fuse_for_inference()
 
     @property
     def img_size(self) -> int:
@@ -32,7 +40,7 @@ class TorchEngine(Engine):
 
     @torch.inference_mode()
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(x.to(self.device))
+        return self.image_encoder(x.to(self.device))
 
     @torch.inference_mode()
     def decode(

@@ -110,3 +110,15 @@ def test_calibrated_threshold_bounds_false_positives():
     assert np.mean(absent >= lower) > 0.05 or np.mean(present >= lower) == np.mean(present >= t)
     with pytest.raises(ValueError, match="absent"):
         calibrate_presence_threshold(present, [])
+
+
+def test_torch_engine_fuses_batchnorm_on_a_private_copy(model):
+    from engines.torch_engine import TorchEngine
+
+    keys_before = set(model.state_dict())
+    engine = TorchEngine(model)
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(engine.encode_image(x), model.encode_image(x), atol=1e-4, rtol=1e-4)
+    assert set(model.state_dict()) == keys_before
+    assert engine.image_encoder is not model.image_encoder
