@@ -8,10 +8,12 @@ import ast
 import asyncio
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
 import venv
+import zipfile
 from pathlib import Path
 
 import msgpack
@@ -271,8 +273,9 @@ def test_bridge_runs_with_torch_unimportable(tmp_path, pub):
 
 
 def test_bridge_in_a_fresh_venv_without_torch(tmp_path, pub):
-    """A new venv that holds only numpy, pyzmq and msgpack (linked from this one) and the bridge:
-    torch is not installed there at all, so nothing can reach it by accident."""
+    """The bridge built as its own wheel (bridge/pyproject.toml) and installed into a new venv that
+    holds only numpy, pyzmq and msgpack (linked from this one): torch is not installed there at
+    all, so nothing can reach it by accident, and the wheel declares nothing heavier."""
     sock, endpoint = pub
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=False, system_site_packages=False).create(env_dir)
@@ -287,7 +290,32 @@ def test_bridge_in_a_fresh_venv_without_torch(tmp_path, pub):
     for name in wanted:
         if (here / name).exists():
             os.symlink(here / name, site / name)
-    os.symlink(BRIDGE, site / "bridge")
+    wheels = tmp_path / "wheels"
+    src = tmp_path / "src" / "bridge"  # build a copy: building writes build/ and egg-info next to the sources
+    shutil.copytree(BRIDGE, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", wheels, src],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert build.returncode == 0, build.stderr
+    (wheel,) = wheels.glob("fluorosam_rt_bridge-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        meta = next(n for n in zf.namelist() if n.endswith("METADATA"))
+        requires = [
+            line.split(":", 1)[1].strip()
+            for line in zf.read(meta).decode().splitlines()
+            if line.startswith("Requires-Dist:") and "extra ==" not in line
+        ]
+    assert sorted(r.split(">")[0] for r in requires) == ["msgpack", "numpy", "pyzmq"]
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", site, wheel],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert install.returncode == 0, install.stderr
     code = (
         "import importlib.util, sys\n"
         "assert importlib.util.find_spec('torch') is None, 'torch is installed here'\n"
