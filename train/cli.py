@@ -88,7 +88,45 @@ def _run_synth_bench(args: argparse.Namespace) -> int:
     return bench_main(size=args.size, repeats=args.repeats, views=args.views, json_path=args.json)
 
 
-_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_synth, _add_synth_bench]
+def _add_synth_sweep(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "synth-sweep", help="render a C-arm sweep clip (the node demo's replay) from the bundled CT"
+    )
+    p.add_argument("--out", default="fluorosam_rt/assets/demo/chest_sweep.mp4", help="MP4 to write (+ .json)")
+    p.add_argument("--frames", type=int, default=40)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--fps", type=float, default=15.0)
+    p.add_argument("--from-angle", type=float, default=-35.0, help="first DICOM primary angle (degrees)")
+    p.add_argument("--to-angle", type=float, default=35.0, help="last DICOM primary angle (degrees)")
+    p.add_argument("--anchor", default="heart", help="structure the isocentre is placed on")
+    p.add_argument("--no-kwire", action="store_true", help="render anatomy only")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_run_synth_sweep)
+
+
+def _run_synth_sweep(args: argparse.Namespace) -> int:
+    from train.synth.sweep import SweepConfig, render_sweep
+
+    cfg = SweepConfig(
+        out=args.out,
+        frames=args.frames,
+        size=args.size,
+        fps=args.fps,
+        primary_from=args.from_angle,
+        primary_to=args.to_angle,
+        anchor=args.anchor,
+        kwire=not args.no_kwire,
+        seed=args.seed,
+    )
+    print(render_sweep(cfg))
+    return 0
+
+
+_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_synth,
+    _add_synth_bench,
+    _add_synth_sweep,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
