@@ -385,6 +385,10 @@ def add_node_commands(sub: Any) -> None:
     view.add_argument("--every", action="store_true", help="take frames in order instead of the newest")
     view.set_defaults(func=cmd_view)
 
+    from .bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
+
     demo = sub.add_parser("demo", help="the embedded model on a replayed C-arm sweep, with live fps/latency")
     demo.add_argument("--checkpoint", help="weights (default: the embedded model)")
     demo.add_argument("--clip", help=f"recording to replay (default: {DEMO_CLIP.name})")

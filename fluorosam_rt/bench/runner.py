@@ -1,0 +1,666 @@
+"""The sweep: real node and subscriber processes per (engine, rate), prompts switched live.
+
+Per (engine, source rate) one ``fluorosam-rt serve`` process and one subscriber process are
+started; the prompt count is then changed over the control socket (the node's normal path), and
+each prompt count gets a warm-up and a measurement window. Everything a cell reports is taken
+at the window's edges (accounting, CPU time, peak RSS) or joined afterwards (latencies), so the
+benchmark itself does nothing on the node's CPU while a window is open.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..flow import MISSING, SEGMENTS, STAGES, describe_ms
+from .procs import cpu_seconds, load_average, memory_mb, reset_peak_rss
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+UNTHROTTLED_FPS = 1000.0  # the replay source's ceiling: always faster than the model
+PROMPT_TEXTS = (
+    "left lung",
+    "right lung",
+    "heart",
+    "spine",
+    "left clavicle",
+    "right clavicle",
+    "trachea",
+    "aorta",
+    "diaphragm",
+    "ribs",
+)
+# Segments of the joined flow (node ring + subscriber): they telescope to source -> received by
+# the subscriber, so their means add up to the end-to-end mean up to float rounding.
+BENCH_SEGMENTS = (*(name for name, _, _ in SEGMENTS), "transport")
+SUM_TOLERANCE_MS = 0.01
+
+
+class BenchError(RuntimeError):
+    """A benchmark process that would not start or answer; the message says which and why."""
+
+
+@dataclass
+class BenchOptions:
+    out_dir: Path
+    engines: list[str] | None = None  # None: every back end that loads here (torch, onnxruntime)
+    rates: list[float] = field(default_factory=lambda: [7.5, 15.0, 30.0, 0.0])  # 0: unthrottled
+    prompts: list[int] = field(default_factory=lambda: [1, 3, 10])
+    warmup_s: float = 3.0
+    measure_s: float = 15.0
+    baseline_frames: int = 20
+    floor_seconds: float = 3.0
+    frame_size: int = 1024
+    n_frames: int = 16
+    downsample: int = 1
+    mask_encoding: str = "u8"
+    checkpoint: str | None = None
+    threads: int = 0
+    quick: bool = False
+    soak_minutes: float | None = None
+    soak_interval_s: float = 10.0
+    soak_engine: str | None = None
+    report: Path | None = None
+    keep_workdir: bool = False
+    argv: list[str] = field(default_factory=list)
+
+
+def fps_label(rate: float) -> str:
+    return "unthrottled" if not rate else f"{rate:g}"
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def machine_info() -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "load_before": load_average(),
+    }
+    try:
+        import onnxruntime
+
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        info["onnxruntime"] = None
+    return info
+
+
+def prepare_model(opts: BenchOptions, work: Path) -> tuple[Any, str | None, str]:
+    """(bundle, checkpoint path for the node or None for the embedded model, weights description)."""
+    import torch
+
+    from ..bundle import DEFAULT_MODEL_PATH, load_bundle
+
+    if opts.checkpoint:
+        return load_bundle(opts.checkpoint), opts.checkpoint, f"checkpoint {opts.checkpoint}"
+    if DEFAULT_MODEL_PATH.is_file():
+        return load_bundle(None), None, f"embedded default model ({DEFAULT_MODEL_PATH.name})"
+    from ..checkpoint import save_native
+    from ..model.build import build_model
+    from ..model.config import small_realtime
+    from ..text.minilm import MiniLMTextEncoder
+
+    torch.manual_seed(0)
+    model = build_model(small_realtime())
+    enc = MiniLMTextEncoder()
+    path = work / "random_small.safetensors"
+    # presence threshold -inf: every prompt yields a mask, so the work per frame is the full work
+    save_native(model, path, {"kind": "minilm", "identity": enc.identity()}, {"presence_threshold": -1e9})
+    weights = "random-weight small_realtime() model (the embedded model is not installed; timing only)"
+    return load_bundle(path), str(path), weights
+
+
+def prepare_frames(opts: BenchOptions, work: Path) -> tuple[Path, list[np.ndarray], str]:
+    """A folder of 16-bit square frames for the replay source, and the same frames in memory."""
+    import cv2
+
+    folder = work / "frames"
+    folder.mkdir(parents=True, exist_ok=True)
+    real = REPO_ROOT.parent / "shared" / "data" / "chest-xray-hannover" / "images"
+    files = sorted(real.glob("*.png"))[: opts.n_frames] if real.is_dir() else []
+    s = opts.frame_size
+    frames = []
+    for i in range(opts.n_frames):
+        img = cv2.imread(str(files[i]), cv2.IMREAD_GRAYSCALE) if i < len(files) else None
+        if img is None:  # no shared data: smooth synthetic projections of the same size
+            rng = np.random.default_rng(i)
+            img = cv2.GaussianBlur(rng.random((s, s)).astype(np.float32), (0, 0), s / 16)
+            img = cv2.normalize(img, None, 0, 255, cv2.NORM_MINMAX)
+        img = cv2.resize(img.astype(np.float32), (s, s), interpolation=cv2.INTER_AREA)
+        u16 = np.clip(img * 257.0, 0, 65535).astype(np.uint16)
+        cv2.imwrite(str(folder / f"{i:04d}.png"), u16)
+        frames.append(u16)
+    desc = (
+        f"{len(files)} chest radiographs (shared/data/chest-xray-hannover) "
+        if files
+        else "synthetic smooth images "
+    ) + f"as {s}x{s} uint16, looped"
+    return folder, frames, desc
+
+
+def resolve_engines(opts: BenchOptions, model: Any) -> tuple[list[str], dict[str, str]]:
+    """Engines to sweep; each is built once here (fills the engine cache, proves it loads)."""
+    from engines.select import create_engine
+
+    wanted = opts.engines or ["torch", "onnxruntime"]
+    ok, skipped = [], {}
+    for name in wanted:
+        if name == "torch":
+            ok.append(name)
+            continue
+        try:
+            create_engine(name, model, strict=True, device="cpu")
+            ok.append(name)
+        except Exception as exc:
+            skipped[name] = f"{type(exc).__name__}: {exc}"
+    return ok, skipped
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _read_json_line(proc: subprocess.Popen, timeout: float, what: str) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"{what} exited with {proc.returncode} before it was ready")
+        ready, _, _ = select.select([proc.stdout], [], [], 0.2)
+        if ready:
+            line = proc.stdout.readline()
+            if line.strip().startswith("{"):
+                return json.loads(line)
+    raise BenchError(f"{what} was not ready within {timeout:.0f} s")
+
+
+@dataclass
+class Group:
+    """One node process and one subscriber process for one engine and source rate."""
+
+    node: subprocess.Popen
+    sub: subprocess.Popen
+    control: str
+    sub_out: str
+    logs: list[Any]
+
+
+def start_group(
+    work: Path,
+    tag: str,
+    opts: BenchOptions,
+    engine: str,
+    rate: float,
+    frames_dir: Path,
+    checkpoint: str | None,
+    prompts: Sequence[str],
+    max_seconds: float,
+) -> Group:
+    gdir = Path(tempfile.mkdtemp(prefix=tag[:20] + "-", dir=work))
+    masks, control = f"ipc://{gdir}/masks", f"ipc://{gdir}/control"
+    settings = {
+        "stream": "bench",
+        "source": {
+            "kind": "replay",
+            "path": str(frames_dir),
+            "fps": rate or UNTHROTTLED_FPS,
+            "loop": True,
+        },
+        "model": {"checkpoint": checkpoint, "engine": engine, "threads": opts.threads},
+        "publish": {
+            "endpoints": [masks],
+            "downsample": opts.downsample,
+            "mask_encoding": opts.mask_encoding,
+        },
+        "control": {"endpoint": control},
+        "prompts": list(prompts),
+    }
+    cfg = gdir / "node.yaml"
+    cfg.write_text(json.dumps(settings))  # JSON is YAML
+    logs = [open(gdir / "subscriber.log", "w"), open(gdir / "node.log", "w")]  # noqa: SIM115
+    sub_out = str(gdir / "subscriber")
+    sub = subprocess.Popen(
+        [sys.executable, "-m", "fluorosam_rt.bench.subscriber", masks, sub_out, "--topic", "bench"],
+        stdout=subprocess.PIPE,
+        stderr=logs[0],
+        text=True,
+        env=_env(),
+    )
+    node = None
+    try:
+        _read_json_line(sub, 60, "the benchmark subscriber")
+        node = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fluorosam_rt.cli",
+                "serve",
+                "--config",
+                str(cfg),
+                "--keep-running",
+                "--max-seconds",
+                str(max_seconds),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=logs[1],
+            text=True,
+            env=_env(),
+        )
+        _read_json_line(node, 300, f"the node ({engine}, {fps_label(rate)} fps; log {gdir / 'node.log'})")
+    except BaseException:
+        for p in (node, sub):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+        raise
+    return Group(node=node, sub=sub, control=control, sub_out=sub_out, logs=logs)
+
+
+def stop_group(g: Group) -> tuple[dict[str, Any], np.ndarray, dict[str, Any]]:
+    """Shut the node down over control, then the subscriber; (node final, sub rows, sub counters)."""
+    from ..control import send_command
+
+    final: dict[str, Any] = {}
+    try:
+        send_command(g.control, {"cmd": "shutdown"}, timeout=10)
+        out, _ = g.node.communicate(timeout=60)
+        for line in out.splitlines():
+            if line.strip().startswith("{") and '"stopped"' in line:
+                final = json.loads(line)
+    except (TimeoutError, subprocess.TimeoutExpired):
+        g.node.kill()
+        g.node.wait()
+    time.sleep(0.3)  # the last messages reach the subscriber
+    g.sub.send_signal(signal.SIGTERM)
+    try:
+        g.sub.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        g.sub.kill()
+        g.sub.wait()
+    for f in g.logs:
+        f.close()
+    try:
+        rows = np.load(g.sub_out + ".npz")["rows"]
+        counters = json.loads(Path(g.sub_out + ".json").read_text())
+    except OSError:
+        rows, counters = np.zeros((0, 6), np.int64), {}
+    return final, rows, counters
+
+
+def fetch_flow(control: str, since: int) -> tuple[int, list[int], list[list[int | None]]]:
+    """All ring rows from record ``since`` on (paged), and the next record index."""
+    from ..control import send_command
+
+    ids: list[int] = []
+    ns: list[list[int | None]] = []
+    while True:
+        flow = send_command(control, {"cmd": "flow", "since": since}, timeout=30)["flow"]
+        ids += flow["frame_id"]
+        ns += flow["ns"]
+        since = flow["next"]
+        if since >= flow["count"]:
+            return since, ids, ns
+
+
+def stats(control: str) -> dict[str, Any]:
+    from ..control import send_command
+
+    return send_command(control, {"cmd": "stats"}, timeout=30)["stats"]
+
+
+def set_prompts(control: str, texts: Sequence[str]) -> None:
+    from ..control import send_command
+
+    reply = send_command(control, {"cmd": "set", "prompts": list(texts)}, timeout=60)
+    if not reply.get("ok"):
+        raise BenchError(f"the node refused the prompts: {reply.get('error')}")
+
+
+# --------------------------------------------------------------------------- joining
+
+
+def ring_array(ns: list[list[int | None]]) -> np.ndarray:
+    out = np.full((len(ns), len(STAGES)), MISSING, dtype=np.int64)
+    for i, row in enumerate(ns):
+        out[i] = [MISSING if v is None else v for v in row]
+    return out
+
+
+def join_cell(
+    frame_ids: np.ndarray,
+    ring: np.ndarray,
+    sub_rows: np.ndarray,
+    t0_ns: int,
+    t1_ns: int,
+) -> dict[str, Any]:
+    """Latency of one window: node ring rows whose frame entered in [t0, t1), joined by frame id
+    with the subscriber's receive times (all CLOCK_MONOTONIC ns)."""
+    col = {s: j for j, s in enumerate(STAGES)}
+    received = ring[:, col["received"]]
+    inwin = (received >= t0_ns) & (received < t1_ns)
+    fid, r = frame_ids[inwin], ring[inwin]
+    out: dict[str, Any] = {"node_published_in_window": int(inwin.sum()), "joined": 0}
+    if not sub_rows.size or not fid.size:
+        return out
+    sorted_sub = sub_rows[np.argsort(sub_rows[:, 0], kind="stable")]
+    sub_ids = sorted_sub[:, 0]
+    pos = np.minimum(np.searchsorted(sub_ids, fid), sub_ids.size - 1)
+    found = sub_ids[pos] == fid
+    sub = sorted_sub[pos[found]]
+    r = r[found]
+    start = np.where(r[:, col["source"]] != MISSING, r[:, col["source"]], r[:, col["received"]])
+    recv_mono = sub[:, 2]
+    e2e = (recv_mono - start) / 1e6
+    out["joined"] = int(found.sum())
+    if not e2e.size:
+        return out
+    stages: dict[str, Any] = {}
+    seg_means = 0.0
+    for name, a, b in SEGMENTS:
+        x, y = r[:, col[a]], r[:, col[b]]
+        if a == "source":
+            x = start
+        ok = (x != MISSING) & (y != MISSING)
+        d = (y[ok] - x[ok]) / 1e6
+        if d.size:
+            stages[name] = describe_ms(d)
+            seg_means += float(d.sum()) / e2e.size
+    transport = (recv_mono - r[:, col["published"]]) / 1e6
+    stages["transport"] = describe_ms(transport)
+    seg_means += float(transport.mean())
+    # Cross-check of the clock conversion: the subscriber's wall-clock view of the same span.
+    wall_e2e = (sub[:, 3] - sub[:, 4]) / 1e6
+    has_wall = sub[:, 4] > 0
+    out.update(describe_ms(e2e))
+    out.update(
+        {
+            "stages": stages,
+            "stage_sum_mean_ms": seg_means,
+            "stage_sum_error_ms": abs(seg_means - float(e2e.mean())),
+            "wall_vs_mono_max_abs_ms": float(np.abs(wall_e2e[has_wall] - e2e[has_wall]).max())
+            if has_wall.any()
+            else None,
+            "node_compute_mean_ms": float(
+                sum(
+                    stages[s]["mean_ms"]
+                    for s in ("preprocess", "encode", "decode", "postprocess")
+                    if s in stages
+                )
+            ),
+            "samples_ms": [round(float(v), 3) for v in np.sort(e2e)],
+        }
+    )
+    return out
+
+
+def _delta(s0: dict[str, Any], s1: dict[str, Any]) -> dict[str, Any]:
+    reasons = set(s0["dropped"]) | set(s1["dropped"])
+    by_reason = {k: s1["dropped"].get(k, 0) - s0["dropped"].get(k, 0) for k in sorted(reasons)}
+    return {
+        "frames_in": s1["received"] - s0["received"],
+        "published": s1["published"] - s0["published"],
+        "dropped": s1["dropped_total"] - s0["dropped_total"],
+        "dropped_by_reason": {k: v for k, v in by_reason.items() if v},
+        "in_flight_delta": s1["in_flight"] - s0["in_flight"],
+    }
+
+
+# --------------------------------------------------------------------------- the sweep
+
+
+def run_group(
+    work: Path,
+    opts: BenchOptions,
+    engine: str,
+    rate: float,
+    frames_dir: Path,
+    checkpoint: str | None,
+    progress: Any = print,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """All prompt counts for one engine and rate; (cells, the node's final accounting)."""
+    per_cell = opts.warmup_s + opts.measure_s + 5
+    budget = 120 + per_cell * len(opts.prompts) * 3
+    g = start_group(
+        work,
+        f"{engine}-{fps_label(rate)}",
+        opts,
+        engine,
+        rate,
+        frames_dir,
+        checkpoint,
+        PROMPT_TEXTS[: opts.prompts[0]],
+        budget,
+    )
+    windows = []
+    since, ids, ns = 0, [], []
+    try:
+        from ..control import send_command
+
+        status = send_command(g.control, {"cmd": "status"}, timeout=30)["status"]
+        actual = status["engine"].get("engine", engine)
+        for k in opts.prompts:
+            set_prompts(g.control, PROMPT_TEXTS[:k])
+            progress(f"  {engine:<12} {fps_label(rate):>11} fps  {k:>2} prompts: warm-up {opts.warmup_s:g} s")
+            time.sleep(opts.warmup_s)
+            s0, c0, cs0 = stats(g.control), cpu_seconds(g.node.pid), cpu_seconds(g.sub.pid)
+            peak_reset = reset_peak_rss(g.node.pid)
+            t0, w0 = time.monotonic_ns(), time.monotonic()
+            time.sleep(opts.measure_s)
+            t1, w1 = time.monotonic_ns(), time.monotonic()
+            s1, c1, cs1 = stats(g.control), cpu_seconds(g.node.pid), cpu_seconds(g.sub.pid)
+            mem, sub_mem = memory_mb(g.node.pid), memory_mb(g.sub.pid)
+            since, more_ids, more_ns = fetch_flow(g.control, since)
+            ids += more_ids
+            ns += more_ns
+            wall = w1 - w0
+            windows.append(
+                {
+                    "engine": engine,
+                    "engine_actual": actual,
+                    "fps": rate or None,
+                    "fps_label": fps_label(rate),
+                    "source_fps": rate or UNTHROTTLED_FPS,
+                    "prompts": k,
+                    "window_s": wall,
+                    "t0": t0,
+                    "t1": t1,
+                    **_delta(s0, s1),
+                    "cpu_pct_node": 100 * (c1 - c0) / wall,
+                    "cpu_pct_subscriber": 100 * (cs1 - cs0) / wall,
+                    "peak_rss_mb": mem["peak_rss_mb"],
+                    "peak_rss_scope": "window" if peak_reset else "process lifetime",
+                    "rss_mb": mem["rss_mb"],
+                    "subscriber_peak_rss_mb": sub_mem["peak_rss_mb"],
+                }
+            )
+    finally:
+        final, sub_rows, counters = stop_group(g)
+    frame_ids, ring = np.asarray(ids, dtype=np.int64), ring_array(ns)
+    cells = []
+    for w in windows:
+        t0, t1 = w.pop("t0"), w.pop("t1")
+        joined = join_cell(frame_ids, ring, sub_rows, t0, t1)
+        w["throughput_fps"] = w["published"] / w["window_s"]
+        w.update(joined)
+        w["not_received_by_subscriber"] = joined["node_published_in_window"] - joined["joined"]
+        cells.append(w)
+    final["subscriber"] = counters
+    return cells, final
+
+
+def run_bench(opts: BenchOptions, progress: Any = print) -> dict[str, Any]:
+    """The whole benchmark; returns the result dict and writes JSON, plots and the report."""
+    import torch
+
+    from . import report
+    from .baseline import NaiveBaseline, time_baseline
+    from .floor import floor_report
+
+    opts.out_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="fsam-bench-"))
+    try:
+        result: dict[str, Any] = {"version": 1, "command": opts.argv, "machine": machine_info()}
+        t_start = time.monotonic()
+        progress(f"machine: {result['machine']['cpu']}, load {result['machine']['load_before']}")
+        bundle, checkpoint, weights = prepare_model(opts, work)
+        frames_dir, frames, frames_desc = prepare_frames(opts, work)
+        result["config"] = {
+            "quick": opts.quick,
+            "weights": weights,
+            "model": bundle.model.cfg.name,
+            "frames": frames_desc,
+            "rates": [fps_label(r) for r in opts.rates],
+            "prompts": opts.prompts,
+            "warmup_s": opts.warmup_s,
+            "measure_s": opts.measure_s,
+            "downsample": opts.downsample,
+            "mask_encoding": opts.mask_encoding,
+            "threads": opts.threads or torch.get_num_threads(),
+            "stage_sum_tolerance_ms": SUM_TOLERANCE_MS,
+        }
+        if opts.soak_minutes:
+            result["soak"] = run_soak(work, opts, frames_dir, checkpoint, bundle, progress)
+        else:
+            engines, skipped = resolve_engines(opts, bundle.model)
+            result["config"]["engines"] = engines
+            result["config"]["engines_skipped"] = skipped
+            progress("floor: counting FLOPs and timing matmul ...")
+            result["floor"] = floor_report(bundle.model, opts.prompts, opts.floor_seconds)
+            progress(f"baseline: naive per-frame loop, {opts.baseline_frames} frames per prompt count ...")
+            base = NaiveBaseline(bundle.model, bundle.text_encoder)
+            result["baseline"] = {
+                str(k): time_baseline(base, frames, PROMPT_TEXTS[:k], opts.baseline_frames)
+                for k in opts.prompts
+            }
+            cells, finals = [], []
+            for engine in engines:
+                for rate in opts.rates:
+                    c, final = run_group(work, opts, engine, rate, frames_dir, checkpoint, progress)
+                    cells += c
+                    finals.append({"engine": engine, "fps_label": fps_label(rate), **final})
+            for c in cells:
+                b = result["baseline"].get(str(c["prompts"]))
+                fl = result["floor"]["per_prompts"].get(str(c["prompts"]))
+                if b and "p50_ms" in c:
+                    c["baseline_p50_ms"] = b["p50_ms"]
+                    c["baseline_p99_ms"] = b["p99_ms"]
+                    c["speedup_p50"] = b["p50_ms"] / c["p50_ms"]
+                if fl and "p50_ms" in c:
+                    c["floor_ms"] = fl["floor_ms"]
+                    c["compute_over_floor"] = c["node_compute_mean_ms"] / fl["floor_ms"]
+                    c["p50_over_floor"] = c["p50_ms"] / fl["floor_ms"]
+            result["cells"] = cells
+            result["node_runs"] = finals
+            result["targets"] = report.targets(result)
+        result["machine"]["load_after"] = load_average()
+        result["elapsed_s"] = time.monotonic() - t_start
+        report.write_all(result, opts.out_dir, opts.report)
+        return result
+    finally:
+        if not opts.keep_workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- soak
+
+
+def run_soak(
+    work: Path,
+    opts: BenchOptions,
+    frames_dir: Path,
+    checkpoint: str | None,
+    bundle: Any,
+    progress: Any = print,
+) -> dict[str, Any]:
+    """15 fps, 3 prompts for ``soak_minutes``: RSS and latency sampled every interval."""
+    engines, _ = resolve_engines(
+        BenchOptions(out_dir=opts.out_dir, engines=[opts.soak_engine or "onnxruntime"]), bundle.model
+    )
+    engine = engines[0] if engines else "torch"
+    duration = opts.soak_minutes * 60
+    g = start_group(
+        work, "soak", opts, engine, 15.0, frames_dir, checkpoint, PROMPT_TEXTS[:3], duration + 300
+    )
+    samples = []
+    since, ids, ns = 0, [], []
+    try:
+        time.sleep(opts.warmup_s)
+        t_begin = time.monotonic()
+        s_prev, t_prev = stats(g.control), time.monotonic_ns()
+        while time.monotonic() - t_begin < duration:
+            time.sleep(min(opts.soak_interval_s, max(0.05, duration - (time.monotonic() - t_begin))))
+            t_now = time.monotonic_ns()
+            s_now = stats(g.control)
+            since, more_ids, more_ns = fetch_flow(g.control, since)
+            ids += more_ids
+            ns += more_ns
+            mem = memory_mb(g.node.pid)
+            samples.append(
+                {
+                    "t_s": round(time.monotonic() - t_begin, 3),
+                    "t0": t_prev,
+                    "t1": t_now,
+                    "rss_mb": mem["rss_mb"],
+                    "peak_rss_mb": mem["peak_rss_mb"],
+                    **_delta(s_prev, s_now),
+                }
+            )
+            progress(
+                f"  soak {samples[-1]['t_s']:7.1f} s  RSS {mem['rss_mb']:.1f} MiB  "
+                f"published {s_now['published']}  dropped {s_now['dropped_total']}"
+            )
+            s_prev, t_prev = s_now, t_now
+    finally:
+        final, sub_rows, counters = stop_group(g)
+    frame_ids, ring = np.asarray(ids, dtype=np.int64), ring_array(ns)
+    for s in samples:
+        j = join_cell(frame_ids, ring, sub_rows, s.pop("t0"), s.pop("t1"))
+        s.update({k: j[k] for k in ("p50_ms", "p95_ms", "p99_ms", "max_ms", "joined") if k in j})
+    whole = join_cell(frame_ids, ring, sub_rows, 0, 2**62)
+    whole.pop("samples_ms", None)
+    from .report import soak_summary
+
+    return {
+        "engine": engine,
+        "fps": 15.0,
+        "prompts": 3,
+        "minutes": opts.soak_minutes,
+        "interval_s": opts.soak_interval_s,
+        "samples": samples,
+        "overall": whole,
+        "final": {**final, "subscriber": counters},
+        "summary": soak_summary(samples, duration),
+    }
