@@ -188,6 +188,7 @@ def print_table(result: dict[str, Any]) -> None:
 
 def plot_cdf(result: dict[str, Any], path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -203,6 +204,7 @@ def plot_cdf(result: dict[str, Any], path: Path) -> None:
             ax.step(x, y, where="post", label=f"{c['fps_label']} fps, K={c['prompts']}")
         ax.axvline(TARGET_P99_MS, color="k", ls=":", lw=1, label="33 ms")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.set_xlabel("end-to-end latency, ms (frame in -> mask at subscriber)")
         ax.set_ylabel("fraction of frames")
         ax.set_title(f"engine: {engine}")
@@ -221,23 +223,28 @@ def plot_stages(result: dict[str, Any], path: Path) -> None:
 
     cells = [c for c in result["cells"] if c.get("stages")]
     labels = [f"{c['engine']} {c['fps_label']} fps K={c['prompts']}" for c in cells]
-    fig, ax = plt.subplots(figsize=(10, 0.35 * len(cells) + 1.8))
+    fig, (ax, ax2) = plt.subplots(
+        1, 2, figsize=(14, 0.35 * len(cells) + 1.8), sharey=True, gridspec_kw={"width_ratios": [3, 2]}
+    )
     left = np.zeros(len(cells))
     cmap = plt.get_cmap("tab10")
     for i, stage in enumerate(STAGE_ORDER):
         w = np.array([c["stages"].get(stage, {}).get("mean_ms", 0.0) for c in cells])
         ax.barh(labels, w, left=left, color=cmap(i), label=stage)
         left += w
-    base = [c.get("baseline_p50_ms") for c in cells]
-    if any(b is not None for b in base):
-        ax.scatter(
-            [b if b is not None else np.nan for b in base],
-            labels,
-            marker="|",
-            s=200,
-            color="k",
-            label="naive baseline p50",
-        )
+    y = np.arange(len(cells))
+    ax2.barh(y - 0.2, [c["p50_ms"] for c in cells], height=0.4, label="node p50 (end to end)")
+    ax2.barh(
+        y + 0.2,
+        [c.get("baseline_p50_ms", np.nan) for c in cells],
+        height=0.4,
+        color="0.6",
+        label="naive baseline p50 (compute only)",
+    )
+    ax2.set_xscale("log")
+    ax2.set_xlabel("ms per frame (log)")
+    ax2.legend(fontsize=7, loc="lower right")
+    ax2.grid(True, axis="x", which="both", alpha=0.3)
     ax.set_xlabel("mean ms per frame, by stage (sums to the mean end-to-end latency)")
     ax.invert_yaxis()
     ax.legend(fontsize=7, ncol=5, loc="lower right")
