@@ -56,6 +56,7 @@ class MaskDecoder(nn.Module):
             nn.Embedding(cfg.num_travel_tokens, transformer_dim) if cfg.num_travel_tokens else None
         )
         self.output_upscaling, up_channels = _upscaling(transformer_dim, cfg.upscale_stages)
+        self.upscale_stages = cfg.upscale_stages
         self.upscale_factor = 2**cfg.upscale_stages
         self.mask_output_hypernetworks_mlps = nn.ModuleList(
             MLP(transformer_dim, transformer_dim, up_channels, 3) for _ in range(self.num_mask_tokens)
@@ -64,23 +65,27 @@ class MaskDecoder(nn.Module):
             transformer_dim, cfg.iou_head_hidden, self.num_mask_tokens, cfg.iou_head_depth
         )
 
-    def upscale_channels_last(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """Run ``output_upscaling`` on image tokens [B, h*w, C], returning [B, H, W, C'].
+    def upscale_blocked(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Run ``output_upscaling`` on image tokens [B, h*w, C] in sub-pixel ("blocked") order.
 
-        Same weights and math as the NCHW Sequential, computed channels-last: a stride-2, 2x2
-        transposed conv is a per-pixel matmul to 4 sub-pixels, and the channel LayerNorm is a
-        plain last-axis layer_norm. On CPU this avoids the slow deconvolution kernel and five
-        separate elementwise passes per LayerNorm2d, which dominate the decoder's time.
+        Every layer of the upscaler is per-pixel: a stride-2, 2x2 transposed conv maps one input
+        pixel to its own 2x2 output block, and LayerNorm2d and GELU act on each pixel alone. So
+        the whole chain can run as matmuls on [pixels, channels] without ever rearranging the
+        feature maps; the result's rows are ordered (i, j, dy1, dx1, dy2, dx2, ...) and only the
+        final masks (a few channels) are rearranged into an image. Same weights, same math as
+        the NCHW Sequential; on CPU it avoids the slow deconvolution kernel, five elementwise
+        passes per LayerNorm2d and two large pixel-shuffle copies.
+
+        Returns [B, h*w*4**stages, C'] features.
         """
-        x = tokens.reshape(tokens.shape[0], h, w, tokens.shape[-1])
+        x = tokens
         for mod in self.output_upscaling:
             if isinstance(mod, nn.ConvTranspose2d):
-                b, hh, ww, cin = x.shape
+                b, n, cin = x.shape
                 cout = mod.out_channels
-                wmat = mod.weight.permute(0, 2, 3, 1).reshape(cin, 4 * cout)  # (ci) -> (dy, dx, co)
-                y = (x.reshape(-1, cin) @ wmat).reshape(b, hh, ww, 2, 2, cout)
-                y = y + mod.bias
-                x = y.permute(0, 1, 3, 2, 4, 5).reshape(b, 2 * hh, 2 * ww, cout)
+                wmat = mod.weight.permute(0, 2, 3, 1).reshape(cin, 4 * cout)  # ci -> (dy, dx, co)
+                bias = mod.bias.repeat(4)
+                x = torch.addmm(bias, x.reshape(-1, cin), wmat).reshape(b, n * 4, cout)
             elif isinstance(mod, LayerNorm2d):
                 x = F.layer_norm(x, (x.shape[-1],), mod.weight, mod.bias, mod.eps)
             elif isinstance(mod, nn.GELU):
@@ -88,6 +93,18 @@ class MaskDecoder(nn.Module):
             else:  # pragma: no cover - the Sequential is built by _upscaling above
                 raise TypeError(f"unexpected upscaling layer {type(mod).__name__}")
         return x
+
+    def unblock(self, masks: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """[B, M, h*w*4**s] in blocked order -> [B, M, h*2**s, w*2**s] images."""
+        s = self.upscale_stages
+        b, m, _ = masks.shape
+        x = masks.reshape(b, m, h, w, *([2, 2] * s))
+        # dims: b, m, i, j, (dy1, dx1), (dy2, dx2), ... -> b, m, i, dy1, dy2, ..., j, dx1, dx2, ...
+        dys = [4 + 2 * k for k in range(s)]
+        dxs = [5 + 2 * k for k in range(s)]
+        x = x.permute(0, 1, 2, *dys, 3, *dxs)
+        f = 2**s
+        return x.reshape(b, m, h * f, w * f)
 
     def forward(
         self,
@@ -113,13 +130,12 @@ class MaskDecoder(nn.Module):
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
 
         h, w = image_embeddings.shape[-2:]
-        upscaled = self.upscale_channels_last(src_tokens, h, w)
+        upscaled = self.upscale_blocked(src_tokens)
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.mask_output_hypernetworks_mlps)],
             dim=1,
         )
-        bu, hu, wu, cu = upscaled.shape
-        masks = (hyper_in @ upscaled.reshape(bu, hu * wu, cu).transpose(1, 2)).reshape(bu, -1, hu, wu)
+        masks = self.unblock(hyper_in @ upscaled.transpose(1, 2), h, w)
         iou_pred = self.iou_prediction_head(iou_token_out)
         # Multimask output: mask token 0 is computed but discarded, as in the official model.
         return masks[:, 1:], iou_pred[:, 1:]

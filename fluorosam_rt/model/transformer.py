@@ -48,8 +48,10 @@ class Attention(nn.Module):
         if k.shape[-2] <= 32:
             # Image tokens attending to a handful of prompt tokens: the fused kernel is tuned
             # for long keys and is ~10x slower here than three small matmuls.
-            attn = torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2), dim=-1)
-            out = attn @ v
+            # Scores are laid out [keys, queries] so the softmax runs along a long contiguous
+            # axis; a softmax over a last axis of ~6 keys is pathologically slow on CPU.
+            attn = torch.softmax(k @ (q * q.shape[-1] ** -0.5).transpose(-1, -2), dim=-2)
+            out = attn.transpose(-1, -2) @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v)
         b, h, n, d = out.shape
