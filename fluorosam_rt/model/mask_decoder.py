@@ -131,11 +131,12 @@ class MaskDecoder(nn.Module):
 
         h, w = image_embeddings.shape[-2:]
         upscaled = self.upscale_blocked(src_tokens)
+        # Multimask output keeps mask tokens 1..3 and IoU entries 1..3, as in the official model.
+        # Mask 0 is never used, so its hypernetwork and mask product are not computed at all.
         hyper_in = torch.stack(
-            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.mask_output_hypernetworks_mlps)],
+            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.mask_output_hypernetworks_mlps) if i],
             dim=1,
         )
         masks = self.unblock(hyper_in @ upscaled.transpose(1, 2), h, w)
         iou_pred = self.iou_prediction_head(iou_token_out)
-        # Multimask output: mask token 0 is computed but discarded, as in the official model.
-        return masks[:, 1:], iou_pred[:, 1:]
+        return masks, iou_pred[:, 1:]
