@@ -73,6 +73,7 @@ __all__ = [
 Windowing = Literal["mixture", "minmax"]
 WindowAt = Literal["original", "resized"]
 
+_MAX_ABS_PIXEL = 1e30
 _RGB_WEIGHTS = (0.299, 0.587, 0.114)
 
 
@@ -133,6 +134,10 @@ def to_gray_float32(pixels: np.ndarray) -> np.ndarray:
         out = np.ascontiguousarray(arr, dtype=np.float32)
     if out.dtype != arr.dtype and np.issubdtype(arr.dtype, np.floating) and not np.isfinite(out).all():
         raise ValueError("image values overflow float32 (|x| > 3.4e38)")
+    # Windowing subtracts and scales in float32: a span near float32's limit overflows to Inf and
+    # would reach the engine as an "engine failure". No detector produces such values.
+    if np.issubdtype(arr.dtype, np.floating) and out.size and float(np.abs(out).max()) > _MAX_ABS_PIXEL:
+        raise ValueError(f"image values exceed {_MAX_ABS_PIXEL:g} in magnitude; refusing to window them")
     return out
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ..imageio import read_dicom_frames
+from ..imageio import ImageReadError, read_dicom_frames
 
 # Storage SOP classes a C-arm or radiography system sends (PS3.4 B.5).
 XRAY_STORAGE_SOP_CLASSES = {
@@ -57,9 +57,19 @@ def dataset_meta(ds: Any) -> dict[str, Any]:
 
 
 def dataset_frames(ds: Any) -> list[tuple[np.ndarray, dict[str, Any]]]:
-    """Every frame of a dataset; raises imageio.ImageReadError when it cannot be understood."""
-    images = read_dicom_frames(ds)
-    extra = dataset_meta(ds)
+    """Every frame of a dataset; raises imageio.ImageReadError when it cannot be understood.
+
+    Only ImageReadError leaves here: pydicom raises ValueError, TypeError, IndexError, ... for
+    attributes a sender got wrong (found by tests/test_fuzz.py, e.g. Window Width 0), and every
+    caller (the SCP's 0xC000 answer, the replay reader) handles exactly one error type.
+    """
+    try:
+        images = read_dicom_frames(ds)
+        extra = dataset_meta(ds)
+    except ImageReadError:
+        raise
+    except Exception as exc:
+        raise ImageReadError(f"DICOM data set cannot be decoded: {type(exc).__name__}: {exc}") from exc
     out = []
     for img in images:
         meta = {**img.meta, **extra}
