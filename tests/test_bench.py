@@ -226,3 +226,25 @@ def test_soak_mode_samples_rss_and_latency_over_time(tmp_path, checkpoint):  # n
     assert soak["final"]["received"] == soak["final"]["published"] + sum(soak["final"]["dropped"].values())
     assert _is_png(tmp_path / "soak.png")
     assert json.loads((tmp_path / "soak.json").read_text())["soak"]["minutes"] == 0.1
+
+
+def test_paced_baseline_waits_for_each_frame_and_times_every_one():
+    import time
+
+    from fluorosam_rt.bench.baseline import time_baseline
+
+    class Fake:
+        calls: list[float] = []  # noqa: RUF012
+
+        def frame(self, pixels, texts):
+            self.calls.append(time.perf_counter())
+            return [pixels] * len(texts)
+
+    fake = Fake()
+    out = time_baseline(fake, [np.zeros((2, 2))], ["a", "b"], n_frames=5, warmup=1, rate=50.0)
+    assert out["n"] == 5
+    assert len(fake.calls) == 6
+    gaps = np.diff(fake.calls[1:])
+    assert gaps.min() >= 0.019  # paced at 50 fps: a frame never starts before it is due
+    assert out["rate"] == 50.0
+    assert out["sustainable_fps"] > 0

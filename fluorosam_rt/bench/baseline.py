@@ -84,17 +84,38 @@ def time_baseline(
     texts: Sequence[str],
     n_frames: int,
     warmup: int = 1,
+    rate: float = 0.0,
 ) -> dict[str, float]:
-    """Closed-loop per-frame latency over ``n_frames`` frames (cycling), after ``warmup`` frames."""
+    """Per-frame latency over ``n_frames`` frames (cycling), after ``warmup`` frames.
 
-    def loop() -> list[float]:
+    ``rate`` > 0 paces the loop like the node's source: it sleeps until the next frame is due,
+    so the baseline pays the same wake-up costs as the node at that rate. A frame that is
+    already due starts at once and is timed from its start (a naive loop that falls behind
+    would queue without bound; the latency of the work itself is what is compared).
+    ``sustainable_fps`` is how many frames a second the baseline could do back to back.
+    """
+
+    def loop() -> tuple[list[float], float]:
         for i in range(warmup):
             baseline.frame(frames[i % len(frames)], texts)
         ms = []
+        period = 1.0 / rate if rate else 0.0
+        due = time.perf_counter()
+        busy = 0.0
         for i in range(n_frames):
+            if period:
+                due += period
+                delay = due - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+                else:
+                    due = time.perf_counter()
             t0 = time.perf_counter()
             baseline.frame(frames[i % len(frames)], texts)
-            ms.append((time.perf_counter() - t0) * 1e3)
-        return ms
+            dt = time.perf_counter() - t0
+            busy += dt
+            ms.append(dt * 1e3)
+        return ms, busy
 
-    return describe_ms(np.asarray(on_worker_thread(loop)))
+    ms, busy = on_worker_thread(loop)
+    return {**describe_ms(np.asarray(ms)), "rate": rate, "sustainable_fps": len(ms) / busy if busy else 0.0}

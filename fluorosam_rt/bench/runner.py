@@ -559,20 +559,29 @@ def run_bench(opts: BenchOptions, progress: Any = print) -> dict[str, Any]:
             result["config"]["engines_skipped"] = skipped
             progress("floor: counting FLOPs and timing matmul ...")
             result["floor"] = floor_report(bundle.model, opts.prompts, opts.floor_seconds)
-            progress(f"baseline: naive per-frame loop, {opts.baseline_frames} frames per prompt count ...")
             base = NaiveBaseline(bundle.model, bundle.text_encoder)
-            result["baseline"] = {
-                str(k): time_baseline(base, frames, PROMPT_TEXTS[:k], opts.baseline_frames)
-                for k in opts.prompts
-            }
+            result["baseline"] = {}
             cells, finals = [], []
             for engine in engines:
                 for rate in opts.rates:
+                    # The baseline runs just before each group, paced at the group's rate, so the
+                    # two see the same machine minutes apart rather than a sweep apart.
+                    progress(
+                        f"  baseline     {fps_label(rate):>11} fps  naive loop, "
+                        f"{opts.baseline_frames} frames per prompt count"
+                    )
+                    bl = {
+                        str(k): time_baseline(base, frames, PROMPT_TEXTS[:k], opts.baseline_frames, rate=rate)
+                        for k in opts.prompts
+                    }
+                    result["baseline"][f"{engine}@{fps_label(rate)}"] = bl
                     c, final = run_group(work, opts, engine, rate, frames_dir, checkpoint, progress)
+                    for cell in c:
+                        cell["_baseline"] = bl.get(str(cell["prompts"]))
                     cells += c
                     finals.append({"engine": engine, "fps_label": fps_label(rate), **final})
             for c in cells:
-                b = result["baseline"].get(str(c["prompts"]))
+                b = c.pop("_baseline", None)
                 fl = result["floor"]["per_prompts"].get(str(c["prompts"]))
                 if b and "p50_ms" in c:
                     c["baseline_p50_ms"] = b["p50_ms"]
