@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fluorosam_rt.bench.baseline import NaiveBaseline, on_worker_thread
-from fluorosam_rt.bench.floor import matmul_gflops, model_flops
+from fluorosam_rt.bench.floor import floor_report, matmul_gflops, model_flops
 from fluorosam_rt.bench.runner import (
     SUM_TOLERANCE_MS,
     BenchOptions,
@@ -131,6 +131,16 @@ def test_flops_grow_with_prompts_and_count_a_known_matmul(bundle):  # noqa: F811
     assert fc.get_total_flops() == 2 * 64 * 32 * 16  # the convention the floor relies on
     mm = matmul_gflops(seconds=0.3, n=128)
     assert 0 < mm["sustained_gflops"] <= mm["best_slice_gflops"]
+    rep = floor_report(bundle.model, [1, 3], seconds=0.2, text_encoder=bundle.text_encoder)
+    k3 = rep["per_prompts"]["3"]
+    assert rep["model_gflops_per_frame"] == pytest.approx(f[3]["gflops"])
+    assert rep["floor_ms"] == pytest.approx(k3["gflops"] / rep["cpu_gflops"] * 1e3)
+    assert k3["text_gflops_per_prompt"] > 0
+    # the baseline does the one-prompt decode and the text encoder per prompt: more arithmetic
+    assert k3["baseline_gflops"] == pytest.approx(
+        f[1]["encode_gflops"] + 3 * (k3["text_gflops_per_prompt"] + f[1]["decode_gflops"])
+    )
+    assert k3["baseline_over_node_flops"] > rep["per_prompts"]["1"]["baseline_over_node_flops"] > 1
 
 
 def _check_contract(result: dict) -> None:

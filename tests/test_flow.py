@@ -210,3 +210,59 @@ def test_live_node_flow_rows_match_what_the_subscriber_received(tmp_path, bundle
     summary = app.node.stats()["latency"]["end_to_end"]
     assert summary["n"] == e2e.size
     assert summary["p99_ms"] == pytest.approx(np.percentile(e2e, 99), rel=1e-9)
+
+
+def test_serve_exposes_prometheus_metrics_of_the_live_node(tmp_path, checkpoint):  # noqa: F811
+    """`fluorosam-rt serve --metrics HOST:0` in its own process: scrape it while frames flow."""
+    import json
+    import os
+    import subprocess
+
+    for i in range(3):
+        cv2.imwrite(str(tmp_path / f"{i}.png"), np.full((64, 64), 40 * i, np.uint8))
+    ctl = f"ipc://{tmp_path}/control"
+    cmd = [
+        sys.executable,
+        "-m",
+        "fluorosam_rt.cli",
+        "serve",
+        "--source",
+        f"replay:{tmp_path}@20",
+        "--publish",
+        f"ipc://{tmp_path}/masks",
+        "--control",
+        ctl,
+        "--prompt",
+        "lungs",
+        "--checkpoint",
+        str(checkpoint),
+        "--keep-running",
+        "--max-seconds",
+        "120",
+        "--metrics",
+        "127.0.0.1:0",
+    ]
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready = json.loads(proc.stdout.readline())
+        url = ready["metrics"]
+        assert url.startswith("http://127.0.0.1:")
+        assert url.endswith("/metrics")
+        deadline, text = time.monotonic() + 60, ""
+        while time.monotonic() < deadline and 'stage="end_to_end"' not in text:
+            time.sleep(0.5)
+            with urllib.request.urlopen(url, timeout=10) as r:
+                text = r.read().decode()
+        assert 'fluorosam_frames_total{stream="carm0",fate="published"}' in text
+        assert 'fluorosam_stage_seconds{stream="carm0",stage="end_to_end",quantile="0.99"}' in text
+        assert send_command(ctl, {"cmd": "shutdown"})["ok"]
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    final = json.loads(out.strip().splitlines()[-1])
+    assert final["received"] == final["published"] + sum(final["dropped"].values())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -74,11 +75,33 @@ def matmul_gflops(seconds: float = 2.0, n: int = 512) -> dict[str, float]:
     }
 
 
-def floor_report(model: FluoroSAM, prompt_counts: Sequence[int], seconds: float = 2.0) -> dict[str, object]:
-    """The JSON ``floor`` object: per-K FLOPs and floor, and the headline for K = 3 (or the first K)."""
+@torch.inference_mode()
+def text_flops(text_encoder: Any, model: FluoroSAM) -> float:
+    """GFLOPs to turn one prompt into its token: the text encoder plus the prompt MLP."""
+    with FlopCounterMode(display=False) as fc:
+        model.text_tokens(text_encoder.encode(["left lung"]))
+    return float(fc.get_total_flops()) / 1e9
+
+
+def floor_report(
+    model: FluoroSAM, prompt_counts: Sequence[int], seconds: float = 2.0, text_encoder: Any = None
+) -> dict[str, object]:
+    """The JSON ``floor`` object: per-K FLOPs and floor, and the headline for K = 3 (or the first K).
+
+    With the text encoder given, it also counts the naive baseline's FLOPs per frame (image
+    once, then text + a one-prompt decode per prompt), whose ratio to the node's is the most a
+    speed-up over the baseline can come from doing less arithmetic.
+    """
     from .baseline import on_worker_thread
 
     flops = model_flops(model, prompt_counts)
+    if text_encoder is not None:
+        per_text = text_flops(text_encoder, model)
+        one = model_flops(model, [1])[1]
+        for k, v in flops.items():
+            v["text_gflops_per_prompt"] = per_text
+            v["baseline_gflops"] = one["encode_gflops"] + k * (per_text + one["decode_gflops"])
+            v["baseline_over_node_flops"] = v["baseline_gflops"] / v["gflops"]
     mm = on_worker_thread(lambda: matmul_gflops(seconds))
     # The floor is a lower bound on time, so it uses the best rate this CPU sustained for a
     # 0.1 s slice in this run; the whole-run average (load included) is reported next to it.

@@ -400,7 +400,15 @@ def markdown(result: dict[str, Any], image_prefix: str, notes: str = "") -> str:
             "floor is a lower bound).",
             "",
             _md_table(
-                ["prompts", "encode GFLOP", "decode GFLOP", "frame GFLOP", "floor ms"],
+                [
+                    "prompts",
+                    "encode GFLOP",
+                    "decode GFLOP",
+                    "frame GFLOP",
+                    "floor ms",
+                    "baseline GFLOP",
+                    "baseline / node FLOPs",
+                ],
                 [
                     [
                         k,
@@ -408,10 +416,17 @@ def markdown(result: dict[str, Any], image_prefix: str, notes: str = "") -> str:
                         _f(v["decode_gflops"], 3),
                         _f(v["gflops"], 3),
                         _f(v["floor_ms"], 2),
+                        _f(v.get("baseline_gflops"), 3),
+                        _f(v.get("baseline_over_node_flops"), 2),
                     ]
                     for k, v in fl["per_prompts"].items()
                 ],
             ),
+            "",
+            "`baseline / node FLOPs` is how much of a speed-up over the naive baseline can come "
+            "from doing less arithmetic alone (the text encoder and the prompt-independent part "
+            "of the decoder run once instead of per prompt per frame); the rest has to come from "
+            "overheads the baseline pays and the node does not.",
             "",
             "## Targets (15 fps, 3 prompts, best engine)",
             "",

@@ -558,7 +558,9 @@ def run_bench(opts: BenchOptions, progress: Any = print) -> dict[str, Any]:
             result["config"]["engines"] = engines
             result["config"]["engines_skipped"] = skipped
             progress("floor: counting FLOPs and timing matmul ...")
-            result["floor"] = floor_report(bundle.model, opts.prompts, opts.floor_seconds)
+            result["floor"] = floor_report(
+                bundle.model, opts.prompts, opts.floor_seconds, text_encoder=bundle.text_encoder
+            )
             base = NaiveBaseline(bundle.model, bundle.text_encoder)
             result["baseline"] = {}
             cells, finals = [], []
