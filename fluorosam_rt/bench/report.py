@@ -316,6 +316,8 @@ def markdown(result: dict[str, Any], image_prefix: str, notes: str = "") -> str:
         f"- per cell: {cfg['warmup_s']:g} s warm-up, {cfg['measure_s']:g} s measured"
         + (" (`--quick`)" if cfg["quick"] else ""),
         f"- command: `{' '.join(result.get('command') or [])}`; wall time {result.get('elapsed_s', 0):.0f} s",
+        f"- code: commit `{(result.get('code') or {}).get('commit')}`"
+        + (" with local changes" if (result.get("code") or {}).get("dirty") else ""),
         "",
     ]
     if result.get("cells"):

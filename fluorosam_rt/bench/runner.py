@@ -114,6 +114,33 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def code_version() -> dict[str, Any]:
+    """The commit measured, and whether the working tree differed from it."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            [
+                "git",
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                "fluorosam_rt",
+                "engines",
+                "bridge",
+            ],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        return {"commit": commit or None, "dirty": bool(dirty)}
+    except (OSError, subprocess.TimeoutExpired):
+        return {"commit": None, "dirty": None}
+
+
 def prepare_model(opts: BenchOptions, work: Path) -> tuple[Any, str | None, str]:
     """(bundle, checkpoint path for the node or None for the embedded model, weights description)."""
     import torch
@@ -532,7 +559,12 @@ def run_bench(opts: BenchOptions, progress: Any = print) -> dict[str, Any]:
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="fsam-bench-"))
     try:
-        result: dict[str, Any] = {"version": 1, "command": opts.argv, "machine": machine_info()}
+        result: dict[str, Any] = {
+            "version": 1,
+            "command": opts.argv,
+            "code": code_version(),
+            "machine": machine_info(),
+        }
         t_start = time.monotonic()
         progress(f"machine: {result['machine']['cpu']}, load {result['machine']['load_before']}")
         bundle, checkpoint, weights = prepare_model(opts, work)
