@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 from typing import Any
 
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 MAX_REQUEST_BYTES = 64 * 1024
 COMMANDS = ("add", "remove", "set", "list", "status", "stats", "flow", "shutdown")
 MAX_FLOW_ROWS = 4096
+MAX_PROMPTS_PER_REQUEST = 256  # the node's own max_prompts is at most 256 (node_config)
 
 
 class CommandError(ValueError):
@@ -60,7 +62,15 @@ def parse_request(raw: bytes) -> dict[str, Any]:
         items = req.get("prompts")
         if not isinstance(items, list) or (cmd == "add" and not items):
             raise CommandError("bad_request", f"{cmd!r} needs 'prompts': a non-empty list")
+        if len(items) > MAX_PROMPTS_PER_REQUEST:  # refuse before encoding thousands of texts
+            raise CommandError(
+                "too_many_prompts", f"{len(items)} prompts; one request may carry {MAX_PROMPTS_PER_REQUEST}"
+            )
         req["prompts"] = [parse_prompt(p) for p in items]
+        ids = [p.id for p in req["prompts"]]
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:  # 'add' would otherwise keep the last silently: say which one was meant
+            raise CommandError("bad_prompt", f"duplicate prompt ids in one request: {dup}")
     if cmd == "remove":
         ids = req.get("ids")
         if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
@@ -85,6 +95,8 @@ def parse_prompt(item: Any) -> Prompt:
     points, labels = item.get("points", []), item.get("labels")
     if not isinstance(text, str) or not isinstance(pid, str) or len(pid) > 64:
         raise CommandError("bad_prompt", "prompt 'text' must be a string and 'id' a string of <= 64 chars")
+    if not (_is_text(text) and _is_text(pid)):  # JSON's "\ud800" is valid JSON but not text
+        raise CommandError("bad_prompt", "prompt 'text' and 'id' must be valid Unicode (no lone surrogates)")
     if not isinstance(points, list) or len(points) > 16:
         raise CommandError("bad_prompt", "'points' must be a list of at most 16 [x, y] pairs")
     if labels is None:
@@ -93,13 +105,23 @@ def parse_prompt(item: Any) -> Prompt:
         pts = tuple(
             (float(p[0]), float(p[1]))
             for p in points
-            if isinstance(p, list) and len(p) == 2 and all(type(v) in (int, float) for v in p)
+            if isinstance(p, list)
+            and len(p) == 2
+            and all(type(v) in (int, float) and math.isfinite(v) for v in p)  # json takes NaN
         )
         if len(pts) != len(points) or not isinstance(labels, list):
-            raise PromptError("'points' must be [x, y] number pairs and 'labels' a list")
+            raise PromptError("'points' must be finite [x, y] number pairs and 'labels' a list")
         return Prompt(text=text, points=pts, labels=tuple(labels), id=pid)
     except PromptError as exc:
         raise CommandError("bad_prompt", str(exc)) from exc
+
+
+def _is_text(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class ControlServer:

@@ -53,6 +53,7 @@ class DicomSettings(_Strict):
     max_associations: int = Field(default=4, ge=1, le=64)
     max_pdu_size: int = Field(default=0, ge=0)
     max_frame_pixels: int = Field(default=4096 * 4096, gt=0)
+    max_frame_bytes: int = Field(default=64 * 1024 * 1024, gt=0)  # one decoded frame in memory
     multiframe_fps: float = Field(default=15.0, gt=0, le=1000)
 
 

@@ -56,6 +56,45 @@ def dataset_meta(ds: Any) -> dict[str, Any]:
     return meta
 
 
+_SAMPLES_FOR_PHOTOMETRIC = {
+    "MONOCHROME1": 1,
+    "MONOCHROME2": 1,
+    "PALETTE COLOR": 1,
+    "RGB": 3,
+    "YBR_FULL": 3,
+    "YBR_FULL_422": 3,
+    "YBR_ICT": 3,
+    "YBR_RCT": 3,
+    "YBR_PARTIAL_420": 3,
+}
+
+
+def check_image_attributes(ds: Any) -> None:
+    """Refuse Image Pixel attributes that contradict each other (PS3.3 C.7.6.3).
+
+    A decoder would otherwise guess: an "RGB" image with one sample per pixel decodes as gray,
+    a palette image without its LUTs as raw indices. Either would be segmented and published as
+    if it were a sensible X-ray, which is worse than refusing it with a reason.
+    """
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    bits = int(ds.get("BitsAllocated", 0) or 0)
+    stored = int(ds.get("BitsStored", bits) or bits)
+    if photometric and photometric not in _SAMPLES_FOR_PHOTOMETRIC:
+        raise ImageReadError(f"unknown PhotometricInterpretation {photometric!r}")
+    want = _SAMPLES_FOR_PHOTOMETRIC.get(photometric or "MONOCHROME2")
+    if spp != want:
+        raise ImageReadError(
+            f"PhotometricInterpretation {photometric!r} needs SamplesPerPixel {want}, not {spp}"
+        )
+    if photometric == "PALETTE COLOR" and "RedPaletteColorLookupTableDescriptor" not in ds:
+        raise ImageReadError("PALETTE COLOR image without its palette color lookup tables")
+    if bits != 1 and (bits <= 0 or bits % 8 or bits > 64):
+        raise ImageReadError(f"BitsAllocated {bits} is not 1 or a multiple of 8 up to 64")
+    if not 0 < stored <= bits:
+        raise ImageReadError(f"BitsStored {stored} does not fit in BitsAllocated {bits}")
+
+
 def dataset_frames(ds: Any) -> list[tuple[np.ndarray, dict[str, Any]]]:
     """Every frame of a dataset; raises imageio.ImageReadError when it cannot be understood.
 
@@ -64,6 +103,7 @@ def dataset_frames(ds: Any) -> list[tuple[np.ndarray, dict[str, Any]]]:
     caller (the SCP's 0xC000 answer, the replay reader) handles exactly one error type.
     """
     try:
+        check_image_attributes(ds)
         images = read_dicom_frames(ds)
         extra = dataset_meta(ds)
     except ImageReadError:

@@ -6,7 +6,8 @@ Why these choices:
   time that we will not take its objects, instead of after sending gigabytes.
 * Failures answer with the standard's C-STORE status (PS3.4 B.2.3): 0xC000 "cannot understand"
   for data we cannot decode, 0xA900 when the data set does not match its SOP class, 0xA700 "out
-  of resources" for frames over the configured size limit or when the frame queue is full.
+  of resources" for frames over the configured size limits (pixels per frame, bytes per decoded
+  frame, frames per object) or when the frame queue is full.
   The sender can then retry or alert; the node keeps running.
 * A multi-frame cine arrives in one object. Its frames are played into the stream at their own
   frame time (FrameTime, else ``multiframe_fps``) by one pacing thread, because latest-frame-wins
@@ -49,6 +50,7 @@ class DicomStorageSource(Source):
         max_associations: int = 4,
         max_pdu_size: int = 0,  # 0: unlimited, as pynetdicom
         max_frame_pixels: int = 4096 * 4096,
+        max_frame_bytes: int = 64 * 1024 * 1024,
         max_object_frames: int = 2000,
         max_pending_frames: int = 4000,
         multiframe_fps: float = 15.0,
@@ -60,6 +62,7 @@ class DicomStorageSource(Source):
         self.max_associations = max_associations
         self.max_pdu_size = max_pdu_size
         self.max_frame_pixels = max_frame_pixels
+        self.max_frame_bytes = max_frame_bytes
         self.max_object_frames = max_object_frames
         self.multiframe_fps = multiframe_fps
         self.objects_received = 0
@@ -126,10 +129,18 @@ class DicomStorageSource(Source):
         try:
             rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
             n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+            # What one decoded frame takes in memory: an RGB 16-bit 4096^2 frame passes the pixel
+            # limit but is 96 MB, and a wrong BitsAllocated must not make us allocate gigabytes.
+            spp, bits = int(ds.get("SamplesPerPixel", 1) or 1), int(ds.get("BitsAllocated", 8) or 8)
+            frame_bytes = rows * cols * max(spp, 1) * max(-(-bits // 8), 1)
         except (TypeError, ValueError):
             self.reject("cannot_understand", "bad Rows/Columns/NumberOfFrames")
             return self._answer(STATUS_CANNOT_UNDERSTAND, "bad Rows/Columns/NumberOfFrames")
-        if rows * cols > self.max_frame_pixels or n_frames > self.max_object_frames:
+        if (
+            rows * cols > self.max_frame_pixels
+            or frame_bytes > self.max_frame_bytes
+            or n_frames > self.max_object_frames
+        ):
             self.reject("too_large", f"{n_frames} frames of {rows}x{cols} exceed the configured limits")
             return self._answer(STATUS_OUT_OF_RESOURCES, "frame size or count over the node's limit")
         try:

@@ -36,6 +36,7 @@ def create_source(settings: Any) -> Source:
             max_associations=settings.max_associations,
             max_pdu_size=settings.max_pdu_size,
             max_frame_pixels=settings.max_frame_pixels,
+            max_frame_bytes=settings.max_frame_bytes,
             multiframe_fps=settings.multiframe_fps,
         )
     raise ValueError(f"unknown source kind {kind!r}")
