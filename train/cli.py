@@ -122,10 +122,24 @@ def _run_synth_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_fit(sub: argparse._SubParsersAction) -> None:
+    from train.train_cli import add_fit_parser
+
+    add_fit_parser(sub)
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    from train.train_cli import add_eval_parser
+
+    add_eval_parser(sub)
+
+
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_synth,
     _add_synth_bench,
     _add_synth_sweep,
+    _add_fit,
+    _add_eval,
 ]
 
 

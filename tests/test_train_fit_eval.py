@@ -1,0 +1,121 @@
+"""fit -> eval round trip on a tiny set, resume, and the eval JSON contract."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from train.fit import FitConfig, fit
+from train.toyset import write_toy_fluoroseg, write_toy_folder
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "train" / "tiny_test.yaml"
+
+
+def _cfg(tmp: Path, data: Path, out: str, **kw) -> FitConfig:
+    cfg = FitConfig.load(CONFIG)
+    cfg.data = [str(data)]
+    cfg.out = str(tmp / out)
+    cfg.text_cache = str(tmp / "text_features.pt")
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_toy_fluoroseg(tmp_path_factory.mktemp("toy") / "fs", n_train=4, n_val=2, size=64)
+
+
+def test_fit_then_eval_round_trip(toy: Path, tmp_path: Path) -> None:
+    from train.cli import main
+
+    summary = fit(_cfg(tmp_path, toy, "run"))
+    run = tmp_path / "run"
+    assert summary["steps"] == 4
+    for f in ("model.safetensors", "last.pt", "log.csv", "fit_config.json"):
+        assert (run / f).is_file(), f
+    rows = (run / "log.csv").read_text().strip().splitlines()
+    assert rows[0].startswith("step,")
+    assert len(rows) == 5
+    assert (run / "tb").is_dir()
+
+    rc = main(
+        [
+            "eval",
+            "--checkpoint",
+            str(run / "model.safetensors"),
+            "--data",
+            str(toy),
+            "--split",
+            "val",
+            "--json",
+            str(tmp_path / "ev" / "eval.json"),
+            "--clicks",
+            "1,3,8",
+            "--calibrate",
+            "--no-progress",
+        ]
+    )
+    assert rc == 0
+    ev = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    # the JSON contract others script against
+    for key in ("per_prompt", "overall", "absent_fp_rate", "cases"):
+        assert key in ev
+    assert set(ev["per_prompt"]) >= {"lungs", "left_lung", "right_lung", "heart"}
+    lung = ev["per_prompt"]["lungs"]
+    assert 0.0 <= lung["dice"] <= 1.0
+    assert set(lung["dice_points"]) == {"1", "3", "8"}
+    assert isinstance(ev["overall"]["dice"], float)
+    assert ev["cases"]
+    assert {"case", "structure", "dice", "present"} <= set(ev["cases"][0])
+    n_val_present = sum(1 for r in ev["cases"] if r["present"])
+    assert ev["overall"]["n"] == n_val_present
+    # absent prompts exist in the toy set (the K-wire is missing from some images)
+    assert ev["n_absent"] == sum(1 for r in ev["cases"] if not r["present"])
+    assert ev["absent_fp_rate"] is None or 0.0 <= ev["absent_fp_rate"] <= 1.0
+    assert Path(ev["montage"]).is_file()
+    assert Path(ev["reliability_plot"]).is_file()
+    # the calibrated threshold was written into the model and is used by eval
+    from fluorosam_rt.bundle import load_bundle
+
+    b = load_bundle(run / "model.safetensors")
+    assert b.meta["presence_calibration"]["split"] == "val"
+    assert ev["presence_threshold"] == pytest.approx(b.presence_threshold)
+
+
+def test_eval_prompts_override_on_labelled_folder(tmp_path: Path, toy: Path) -> None:
+    from train.evaluate import EvalOptions, evaluate
+
+    fit(_cfg(tmp_path, toy, "run", max_steps=1))
+    folder = write_toy_folder(tmp_path / "folder", n=2, size=72)
+    override = tmp_path / "p.json"
+    override.write_text(json.dumps({"lungs": "both lungs", "left_lung": "L lung", "right_lung": "R lung"}))
+    ev = evaluate(
+        str(tmp_path / "run" / "model.safetensors"),
+        str(folder),
+        None,
+        str(override),
+        opt=EvalOptions(clicks=(1,)),
+        progress=False,
+        table=False,
+    )
+    assert ev["per_prompt"]["lungs"]["prompt"] == "both lungs"
+    assert ev["per_prompt"]["left_lung"]["n"] == 2
+    assert ev["absent_fp_rate"] is None  # a labelled folder has no known-absent structures
+    assert all(r["prompt"] in {"both lungs", "L lung", "R lung"} for r in ev["cases"])
+
+
+def test_resume_continues_exactly(toy: Path, tmp_path: Path) -> None:
+    straight = _cfg(tmp_path, toy, "a", max_steps=4, ckpt_every=2)
+    fit(straight)
+    first = _cfg(tmp_path, toy, "b", max_steps=2, ckpt_every=2)
+    fit(first)
+    second = _cfg(tmp_path, toy, "b", max_steps=4, ckpt_every=2)
+    fit(second, resume=str(tmp_path / "b" / "last.pt"))
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=False)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)

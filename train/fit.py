@@ -1,0 +1,599 @@
+"""``fluorosam-train fit``: the training loop, single process or torchrun DDP (gloo on CPU, NCCL on GPU).
+
+Design points that are easy to get wrong:
+
+* Data order and every random draw are functions of (seed, epoch, sample index) or (seed, step), never
+  of the rank, so N processes with per-rank batch B/N see exactly the samples and clicks one process
+  with batch B sees. The loss is normalised by a per-rank prompt count that is the same on every
+  rank, so DDP's gradient average equals the single-process gradient.
+* The text encoder never runs in the loop: every phrasing's feature is computed once
+  (``TextFeatureBank``) and indexed.
+* Inputs go through the node's own ``Preprocessor`` (augmentation happens on the raw image before it).
+* Clicks are drawn from the current model's error regions: a text-only pass first, then a decoder
+  pass with clicks against the same image embedding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from fluorosam_rt.model.config import ModelConfig, load_model_config, small_realtime
+from fluorosam_rt.model.sam import FluoroSAM
+from train.augment import AugmentConfig
+from train.data import TextFeatureBank, XrayDataset, all_prompt_texts, open_dataset, preprocess_for
+from train.losses import LossConfig, segmentation_loss
+from train.prompt_sampling import PromptedImages, PromptSamplingConfig, collate, training_clicks
+
+
+@dataclass
+class FitConfig:
+    """One training run (configs/train/*.yaml). Unknown keys are rejected."""
+
+    data: list[str] = field(default_factory=list)
+    out: str = "runs/fit"
+    model: str | dict[str, Any] = "small_realtime"  # preset name, YAML path or ModelConfig mapping
+    img_size: int = 256
+    init: str = "scratch"  # scratch | official:<path> | native:<path>
+    seed: int = 0
+    global_batch: int = 8
+    lr: float = 3e-4
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    max_steps: int = 1000
+    time_budget_s: float = 0.0  # > 0: stop after this many seconds (the schedule follows time)
+    grad_clip: float = 1.0
+    amp: bool = True  # only on CUDA
+    freeze_bn: bool = False  # BatchNorm in eval mode (used by the DDP equivalence test on CPU)
+    num_workers: int = 0
+    threads: int = 0  # torch.set_num_threads per process (0: leave as is)
+    log_every: int = 10
+    ckpt_every: int = 200
+    text_cache: str = ""  # where to keep the text-feature bank ("" = <out>/text_features.pt)
+    vq_init: bool = True  # initialise the codebook from the vocabulary's prompt tokens
+    progress: bool = True
+    rescan_data: bool = False  # re-read the data folders each epoch (data still being generated)
+    sampling: PromptSamplingConfig = field(default_factory=PromptSamplingConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FitConfig:
+        sub = {"sampling": PromptSamplingConfig, "augment": AugmentConfig, "loss": LossConfig}
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown training config keys: {sorted(unknown)}")
+        kw: dict[str, Any] = {}
+        for k, v in d.items():
+            if k in sub:
+                sub_names = {f.name for f in fields(sub[k])}
+                bad = set(v or {}) - sub_names
+                if bad:
+                    raise ValueError(f"unknown keys in {k}: {sorted(bad)}")
+                kw[k] = sub[k](
+                    **{kk: tuple(vv) if isinstance(vv, list) else vv for kk, vv in (v or {}).items()}
+                )
+            elif k == "data" and isinstance(v, str):
+                kw[k] = [v]
+            else:
+                kw[k] = v
+        return cls(**kw)
+
+    @classmethod
+    def load(cls, path: str | Path) -> FitConfig:
+        import yaml
+
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(yaml.safe_load(f) or {})
+
+
+# -- distributed ------------------------------------------------------------------------------------
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """torchrun sets WORLD_SIZE/RANK; NCCL with one GPU per process, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return Dist(device=dev)
+    rank = int(os.environ["RANK"])
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl")
+        dev = torch.device("cuda", local)
+    else:
+        dist.init_process_group("gloo")
+        dev = torch.device("cpu")
+    return Dist(rank=rank, world=world, local_rank=local, device=dev)
+
+
+class EpochBatches:
+    """Global batches of a seeded per-epoch permutation; this rank gets its contiguous slice.
+
+    Sharding by slice (not by stride) keeps rank r's samples equal to slots [r*b, (r+1)*b) of
+    the single-process batch. A resume starts mid-epoch at a batch offset without replaying data.
+    """
+
+    def __init__(self, n: int, global_batch: int, rank: int, world: int, seed: int) -> None:
+        if global_batch % world:
+            raise ValueError(f"global_batch {global_batch} is not divisible by {world} processes")
+        if n < global_batch:
+            raise ValueError(f"data set has {n} images, fewer than global_batch {global_batch}")
+        self.n, self.gb, self.rank, self.world, self.seed = n, global_batch, rank, world, seed
+        self.per_rank = global_batch // world
+        self.batches_per_epoch = n // global_batch
+
+    def batch(self, epoch: int, j: int) -> list[int]:
+        perm = np.random.default_rng([self.seed, 7919, epoch]).permutation(self.n)
+        g = perm[j * self.gb : (j + 1) * self.gb]
+        return [int(v) for v in g[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]]
+
+
+# -- model --------------------------------------------------------------------------------------------
+def build_training_model(cfg: FitConfig) -> tuple[FluoroSAM, dict[str, Any]]:
+    """Model plus its text-encoder spec. ``init`` picks scratch, official or native weights."""
+    from fluorosam_rt.model.build import build_model
+
+    if cfg.init.startswith("official:"):
+        from fluorosam_rt.checkpoint import load_official
+
+        model, _ = load_official(cfg.init.split(":", 1)[1])
+        return model, {"kind": "clip"}
+    if cfg.init.startswith("native:"):
+        from fluorosam_rt.checkpoint import load_native
+
+        nm = load_native(cfg.init.split(":", 1)[1])
+        return nm.model, nm.text_encoder
+    if cfg.init != "scratch":
+        raise ValueError(f"init must be scratch, official:<path> or native:<path>, got {cfg.init!r}")
+    mcfg = model_config(cfg)
+    return build_model(mcfg), {"kind": mcfg.text.kind}
+
+
+def model_config(cfg: FitConfig) -> ModelConfig:
+    if isinstance(cfg.model, dict):
+        return ModelConfig.from_dict(cfg.model)
+    if cfg.model == "small_realtime":
+        return small_realtime(cfg.img_size)
+    return load_model_config(cfg.model)
+
+
+def text_encoder_for(model: FluoroSAM):
+    """The frozen text encoder matching the model (MiniLM for the small model, nested CLIP otherwise)."""
+    if model.cfg.text.kind == "minilm":
+        from fluorosam_rt.text.minilm import MiniLMTextEncoder
+
+        return MiniLMTextEncoder()
+    from fluorosam_rt.text.clip import ClipTextEncoder
+
+    if model.prompt_encoder.text_model is None:
+        raise ValueError("a CLIP model needs its text tower (init from the official checkpoint)")
+    return ClipTextEncoder(model.prompt_encoder.text_model)
+
+
+@torch.no_grad()
+def init_codebook(model: FluoroSAM, canonical_features: torch.Tensor, seed: int) -> None:
+    """Seed the VQ codebook with the canonical prompts' projected features (plus jittered copies).
+
+    A random codebook can snap two different structures onto one code before training separates
+    them, and text-only prompting can never undo that; starting from one code per canonical
+    prompt gives every structure its own code from step 0.
+    """
+    vq = model.prompt_encoder.vq
+    if vq is None or canonical_features.numel() == 0:
+        return
+    h = model.prompt_encoder.clip_mlp(canonical_features.to(vq.codebook.dtype))
+    n = vq.codebook.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    reps = h[torch.randint(h.shape[0], (n,), generator=g)]
+    noise = torch.randn(reps.shape, generator=g) * (h.std() * 0.5)
+    book = reps + noise
+    k = min(n, h.shape[0])
+    book[:k] = h[:k]
+    vq._codebook.embed.data[0] = book
+    vq._codebook.embed_avg.data[0] = book
+
+
+class TrainStep(nn.Module):
+    """The whole forward of a training step as one module, so DDP sees one forward per step."""
+
+    def __init__(self, model: FluoroSAM, features: torch.Tensor, loss_cfg: LossConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("features", features, persistent=False)
+        self.loss_cfg = loss_cfg
+
+    def forward(
+        self, batch: dict[str, torch.Tensor], n_points: int, click_seeds: list[int]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        m = self.model
+        pe = m.prompt_encoder
+        emb = m.encode_image(batch["image"])[batch["image_index"]]
+        tokens, vq_loss = pe.text_tokens(self.features[batch["text_idx"]])
+        dense_pe, dense = pe.get_dense_pe(), pe.dense_embedding()
+        logits, iou = m.mask_decoder(emb, dense_pe, pe.sparse_embeddings(tokens), dense)
+        low = logits.shape[-1]
+        targets_full = batch["targets"]
+        targets = F.interpolate(targets_full[:, None].float(), size=(low, low), mode="area")[:, 0]
+        targets = (targets >= 0.5).float()
+        present = batch["present"]
+        loss, parts = segmentation_loss(logits, iou, targets, present, self.loss_cfg)
+        parts["text_only_iou"] = parts["actual_iou"]
+        if n_points > 0:
+            with torch.no_grad():
+                s = m.img_size
+                best = logits[torch.arange(logits.shape[0]), parts["best"]].detach()
+                pred = F.interpolate(best[:, None].float(), size=(s, s), mode="bilinear")[:, 0] > 0
+            coords, labels = [], []
+            for i, sd in enumerate(click_seeds):
+                g = torch.Generator().manual_seed(sd)
+                c, lb = training_clicks(
+                    targets_full[i : i + 1].bool().cpu(), pred[i : i + 1].cpu(), n_points, g
+                )
+                coords.append(c)
+                labels.append(lb)
+            coords_t = torch.cat(coords).to(emb.device)
+            labels_t = torch.cat(labels).to(emb.device)
+            sparse = pe.sparse_embeddings(tokens, coords_t, labels_t)
+            logits2, iou2 = m.mask_decoder(emb, dense_pe, sparse, dense)
+            loss2, parts2 = segmentation_loss(logits2, iou2, targets, present, self.loss_cfg)
+            loss = 0.5 * (loss + loss2)
+            parts["points_iou"] = parts2["actual_iou"]
+        loss = loss + self.loss_cfg.vq_weight * vq_loss
+        parts["vq"] = vq_loss.detach()
+        return loss, parts
+
+
+def lr_at(cfg: FitConfig, progress: float, step: int) -> float:
+    """Linear warm-up, then cosine from lr to min_lr over the run's progress (0..1)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    p = min(1.0, max(0.0, progress))
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * p))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))  # noqa: NPY002  (third-party code may still draw from it)
+    torch.manual_seed(seed)
+
+
+def _bn_eval(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def _training_datasets(cfg: FitConfig) -> XrayDataset:
+    from train.fluoroseg import FluoroSegDataset, is_fluoroseg
+
+    sets = []
+    for p in cfg.data:
+        sets.append(FluoroSegDataset(p, "train") if is_fluoroseg(p) else open_dataset(p))
+    if not sets:
+        raise ValueError("no training data: set data: [...] in the config or pass --data")
+    return sets[0] if len(sets) == 1 else ConcatXray(sets)
+
+
+class ConcatXray(XrayDataset):
+    """Several data sets read as one (their structure tables are merged)."""
+
+    def __init__(self, sets: list[XrayDataset]) -> None:
+        self.sets = sets
+        self.structures = {}
+        for s in sets:
+            self.structures.update(s.structures)
+        self.complete_labels = all(s.complete_labels for s in sets)
+        self._offsets = np.cumsum([0] + [len(s) for s in sets])
+
+    def _loc(self, i: int) -> tuple[XrayDataset, int]:
+        k = int(np.searchsorted(self._offsets, i, side="right") - 1)
+        return self.sets[k], i - int(self._offsets[k])
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def case_id(self, i: int) -> str:
+        s, j = self._loc(i)
+        return s.case_id(j)
+
+    def present(self, i: int) -> list[str]:
+        s, j = self._loc(i)
+        return s.present(j)
+
+    def absent(self, i: int) -> list[str]:
+        s, j = self._loc(i)
+        return s.absent(j)
+
+    def area_fraction(self, i: int, name: str) -> float:
+        s, j = self._loc(i)
+        fn = getattr(s, "area_fraction", None)
+        return fn(j, name) if fn is not None else 1.0
+
+    def load(self, i: int, names=None):
+        s, j = self._loc(i)
+        return s.load(j, names)
+
+
+def save_checkpoint(
+    path: Path, model: FluoroSAM, opt, scaler, step: int, cfg: FitConfig, extra: dict
+) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "model_config": model.cfg.to_dict(),
+            "optimizer": opt.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "step": step,
+            "fit_config": asdict(cfg),
+            **extra,
+        },
+        tmp,
+    )
+    tmp.replace(path)
+
+
+def fit(cfg: FitConfig, resume: str | None = None) -> dict[str, Any]:
+    """Train; returns a summary (steps, seconds, final losses, paths). Rank 0 writes all outputs."""
+    d = init_distributed()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    out = Path(cfg.out)
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "fit_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+
+    model, text_spec = build_training_model(cfg)
+    ds = _training_datasets(cfg)
+    enc = text_encoder_for(model)
+    text_spec = {"kind": enc.kind, "identity": enc.identity()}
+    texts = all_prompt_texts([ds])
+    cache = cfg.text_cache or out / "text_features.pt"
+    if d.world > 1 and not d.main:
+        dist.barrier()  # rank 0 writes the feature cache first; the others then read it
+    bank = TextFeatureBank.build(texts, enc, cache)
+    if d.world > 1 and d.main:
+        dist.barrier()
+    del enc
+    canonical = torch.stack([bank.features[bank.idx(s.prompt)] for s in ds.structures.values()])
+
+    start_step = 0
+    state = None
+    if resume:
+        state = torch.load(resume, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        start_step = int(state["step"])
+    elif cfg.vq_init:
+        init_codebook(model, canonical, cfg.seed)
+    model.to(d.device)
+    step_module = TrainStep(model, bank.features, cfg.loss).to(d.device)
+    net: nn.Module = step_module
+    if d.world > 1:
+        net = nn.parallel.DistributedDataParallel(
+            step_module,
+            device_ids=[d.local_rank] if d.device.type == "cuda" else None,
+            find_unused_parameters=True,
+        )
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 or "codebook" in n or "embed" in n else decay).append(p)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.999),
+    )
+    use_amp = cfg.amp and d.device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == torch.float16 else None
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+
+    images = PromptedImages(ds, bank, preprocess_for(model.cfg), cfg.sampling, cfg.augment, seed=cfg.seed)
+    batches = EpochBatches(len(images), cfg.global_batch, d.rank, d.world, cfg.seed)
+    elapsed_before = float(state.get("elapsed_s", 0.0)) if state else 0.0
+    t0 = time.time()
+
+    loader_pool = None
+    if cfg.num_workers > 0:
+        import multiprocessing as mp
+
+        loader_pool = mp.get_context("fork").Pool(cfg.num_workers)
+
+    def load_batch(idx: list[int], epoch: int) -> dict[str, torch.Tensor]:
+        images.set_epoch(epoch)
+        items = loader_pool.map(images.__getitem__, idx) if loader_pool else [images[i] for i in idx]
+        b = collate(items)
+        b["sample"] = torch.tensor(idx)
+        return b
+
+    csv_file = writer = bar = None
+    if d.main:
+        new = not (out / "log.csv").exists() or not resume
+        csv_file = open(out / "log.csv", "w" if new else "a", newline="")  # noqa: SIM115  (open for the run)
+        csv_w = csv.writer(csv_file)
+        if new:
+            csv_w.writerow(
+                ["step", "epoch", "lr", "loss", "mask", "absent", "iou", "vq", "text_iou", "elapsed_s"]
+            )
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(out / "tb"))
+        except Exception:  # TensorBoard is optional; the CSV is the record
+            writer = None
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not cfg.progress, desc="fit", unit="step")
+
+    step = start_step
+    epoch, j = divmod(step, batches.batches_per_epoch)
+    last: dict[str, float] = {}
+    stop = torch.zeros(1)
+    model.train()
+    if cfg.freeze_bn:
+        _bn_eval(model)
+    while step < cfg.max_steps:
+        if j >= batches.batches_per_epoch:
+            epoch, j = epoch + 1, 0
+            if cfg.rescan_data and d.world == 1:
+                # Picks up chunks the data engine finished meanwhile; order stays seeded by epoch.
+                images.ds = _training_datasets(cfg)
+                batches = EpochBatches(len(images), cfg.global_batch, d.rank, d.world, cfg.seed)
+        idx = batches.batch(epoch, j)
+        batch = {k: v.to(d.device) for k, v in load_batch(idx, epoch).items()}
+        srng = np.random.default_rng([cfg.seed, 104729, step])
+        n_points = (
+            int(srng.integers(1, cfg.sampling.max_points + 1)) if srng.random() < cfg.sampling.p_points else 0
+        )
+        click_seeds, slot, prev = [], 0, -1
+        for ii in batch["image_index"].tolist():
+            slot = slot + 1 if ii == prev else 0
+            prev = ii
+            click_seeds.append(
+                int(cfg.seed * 1_000_003 + step * 10_007 + int(batch["sample"][ii]) * 101 + slot)
+            )
+        elapsed = elapsed_before + time.time() - t0
+        progress = step / cfg.max_steps
+        if cfg.time_budget_s > 0:
+            progress = max(progress, elapsed / cfg.time_budget_s)
+        lr = lr_at(cfg, progress, step)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with torch.autocast(d.device.type, dtype=amp_dtype, enabled=use_amp):
+            loss, parts = net(batch, n_points, click_seeds)
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+        else:
+            loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        step += 1
+        j += 1
+        last = {
+            "loss": float(loss.detach()),
+            "mask": float(parts["mask"]),
+            "absent": float(parts["absent"]),
+            "iou": float(parts["iou"]),
+            "vq": float(parts["vq"]),
+            "text_iou": float(parts["text_only_iou"][batch["present"]].mean())
+            if batch["present"].any()
+            else 0.0,
+        }
+        if d.main:
+            if cfg.time_budget_s > 0:  # the budget ends the run: show its step count for the ETA
+                done = elapsed_before + time.time() - t0
+                bar.total = min(cfg.max_steps, max(step, int(step * cfg.time_budget_s / max(done, 1e-6))))
+            bar.update(1)
+            bar.set_postfix(loss=f"{last['loss']:.3f}", tiou=f"{last['text_iou']:.2f}", lr=f"{lr:.1e}")
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                csv_w.writerow(
+                    [step, epoch, f"{lr:.3e}"]
+                    + [f"{last[k]:.5f}" for k in ("loss", "mask", "absent", "iou", "vq", "text_iou")]
+                    + [f"{elapsed:.1f}"]
+                )
+                csv_file.flush()
+                if writer is not None:
+                    for k, v in last.items():
+                        writer.add_scalar(f"train/{k}", v, step)
+                    writer.add_scalar("train/lr", lr, step)
+            if step % cfg.ckpt_every == 0:
+                save_checkpoint(
+                    out / "last.pt",
+                    model,
+                    opt,
+                    scaler,
+                    step,
+                    cfg,
+                    {"elapsed_s": elapsed_before + time.time() - t0},
+                )
+        if cfg.time_budget_s > 0:
+            stop[0] = float(elapsed_before + time.time() - t0 >= cfg.time_budget_s)
+            if d.world > 1:
+                dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+            if stop[0] > 0:
+                break
+    if loader_pool is not None:
+        loader_pool.close()
+    total = elapsed_before + time.time() - t0
+    summary: dict[str, Any] = {"steps": step, "seconds": round(total, 1), "last": last, "out": str(out)}
+    if d.main:
+        bar.close()
+        save_checkpoint(out / "last.pt", model, opt, scaler, step, cfg, {"elapsed_s": total})
+        from fluorosam_rt.checkpoint import save_native
+
+        model.eval()
+        save_native(
+            model,
+            out / "model.safetensors",
+            text_spec,
+            {"train_steps": step, "train_seconds": round(total, 1), "seed": cfg.seed},
+        )
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        csv_file.close()
+        if writer is not None:
+            writer.close()
+    if d.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
+
+
+# -- CLI (arguments are declared in train/train_cli.py) ----------------------------------------------
+def run_fit(args: argparse.Namespace) -> int:
+    cfg = FitConfig.load(args.config)
+    if args.data:
+        cfg.data = list(args.data)
+    for attr, key in (
+        ("out", "out"),
+        ("max_steps", "max_steps"),
+        ("time_budget", "time_budget_s"),
+        ("seed", "seed"),
+        ("text_cache", "text_cache"),
+    ):
+        v = getattr(args, attr)
+        if v is not None:
+            setattr(cfg, key, v)
+    if args.no_progress:
+        cfg.progress = False
+    summary = fit(cfg, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary, indent=1))
+    return 0

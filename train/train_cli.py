@@ -1,0 +1,60 @@
+"""Argument parsers of ``fluorosam-train fit`` and ``eval``, kept free of heavy imports.
+
+``fluorosam-train --help`` builds every subparser; torch and the model code load only when one of
+these subcommands actually runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_fit_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("fit", help="train a model (single process or under torchrun)")
+    p.add_argument("--config", required=True, help="training config YAML (configs/train/*.yaml)")
+    p.add_argument("--data", action="append", default=None, help="data folder (repeatable; overrides config)")
+    p.add_argument("--out", default=None, help="run folder (overrides config)")
+    p.add_argument("--resume", default=None, help="checkpoint to resume from (e.g. <out>/last.pt)")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--time-budget", type=float, default=None, help="seconds of training (overrides config)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--text-cache", default=None, help="text-feature cache file (shared between runs)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run_fit)
+
+
+def _run_fit(args: argparse.Namespace) -> int:
+    from train.fit import run_fit
+
+    return run_fit(args)
+
+
+def add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a checkpoint (Dice/IoU, clicks, absent FP rate)")
+    p.add_argument("--checkpoint", default=None, help="model file (default: the embedded model)")
+    p.add_argument("--data", required=True, help="FluoroSeg root or labelled X-ray folder")
+    p.add_argument("--json", default=None, help="write the metrics JSON here")
+    p.add_argument(
+        "--out-dir", default=None, help="montage and reliability plot folder (default: next to --json)"
+    )
+    p.add_argument("--prompts", default=None, help="JSON {structure: prompt} overriding the data's prompts")
+    p.add_argument("--split", default="val", help="FluoroSeg split: train, val or all")
+    p.add_argument("--clicks", default="1,3,8", help="click counts to report ('' for text-only)")
+    p.add_argument("--min-area", type=float, default=0.0, help="skip present masks below this image fraction")
+    p.add_argument("--max-cases", type=int, default=0)
+    p.add_argument("--cases", choices=["all", "even", "odd"], default="all")
+    p.add_argument("--structures", default="", help="comma-separated structure names to evaluate")
+    p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="calibrate the presence threshold on this data and store it in --checkpoint",
+    )
+    p.add_argument("--max-fpr", type=float, default=0.05)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from train.evaluate import run_eval
+
+    return run_eval(args)
