@@ -24,6 +24,7 @@ from typing import Any
 import zmq
 
 from .prompts import Prompt, PromptError
+from .security import CurveKeys, make_server
 
 log = logging.getLogger(__name__)
 
@@ -127,10 +128,14 @@ def _is_text(s: str) -> bool:
 class ControlServer:
     """Serves the control socket on its own thread until the node stops."""
 
-    def __init__(self, node: Any, endpoint: str, context: zmq.Context | None = None) -> None:
+    def __init__(
+        self, node: Any, endpoint: str, context: zmq.Context | None = None, curve: CurveKeys | None = None
+    ) -> None:
         self.node = node
         self._ctx = context or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.REP)
+        if curve is not None:  # only allow-listed clients can connect, let alone send commands
+            make_server(self._sock, curve)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES * 4)
         try:

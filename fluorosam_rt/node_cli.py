@@ -344,6 +344,19 @@ def _write_animation(out: Path, msgs: list[Any]) -> None:
     pil[0].save(out, save_all=True, append_images=pil[1:], duration=100, loop=0)
 
 
+# --------------------------------------------------------------------------- keys
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """The node's key pair goes in security.curve_secret_key; each client's NAME.key in the
+    folder named by security.curve_allowed_clients. The node's NAME.key goes to every client."""
+    from .security import generate_keys
+
+    public, secret = generate_keys(args.dir, args.name)
+    print(json.dumps({"public": str(public), "secret": str(secret)}))
+    return 0
+
+
 # --------------------------------------------------------------------------- registration
 
 
@@ -384,6 +397,12 @@ def add_node_commands(sub: Any) -> None:
     view.add_argument("--overlay", action="store_true", help="also write an overlay PNG per frame")
     view.add_argument("--every", action="store_true", help="take frames in order instead of the newest")
     view.set_defaults(func=cmd_view)
+
+    keys = sub.add_parser("keys", help="ZeroMQ CURVE key files for the mask stream and control socket")
+    keys.add_argument("action", choices=["generate"])
+    keys.add_argument("--dir", required=True, help="folder for NAME.key (public) and NAME.key_secret")
+    keys.add_argument("--name", default="node", help="key name (node, or one per client)")
+    keys.set_defaults(func=cmd_keys)
 
     from .bench.cli import add_bench_parser
 

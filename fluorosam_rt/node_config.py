@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class NodeConfigError(ValueError):
@@ -93,6 +93,19 @@ class ControlSettings(_Strict):
     endpoint: str | None = "tcp://127.0.0.1:5556"  # localhost by default; None disables control
 
 
+class SecuritySettings(_Strict):
+    """ZeroMQ CURVE on the mask stream and control socket (both or neither; see security.py)."""
+
+    curve_secret_key: str | None = None  # the node's NAME.key_secret; None: CURVE off
+    curve_allowed_clients: str | None = None  # folder of clients' public NAME.key files
+
+    @model_validator(mode="after")
+    def _both(self) -> SecuritySettings:
+        if (self.curve_allowed_clients is None) != (self.curve_secret_key is None):
+            raise ValueError("curve_secret_key and curve_allowed_clients go together")
+        return self
+
+
 class PromptSettings(_Strict):
     text: str
     id: str = ""
@@ -106,6 +119,7 @@ class NodeSettings(_Strict):
     model: ModelSettings = Field(default_factory=ModelSettings)
     publish: PublishSettings = Field(default_factory=PublishSettings)
     control: ControlSettings = Field(default_factory=ControlSettings)
+    security: SecuritySettings = Field(default_factory=SecuritySettings)
     prompts: list[PromptSettings | str] = Field(default_factory=list)
     max_prompts: int = Field(default=16, ge=1, le=256)
     stats_window: int = Field(default=1000, ge=10)  # frames kept for latency percentiles

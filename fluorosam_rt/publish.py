@@ -18,6 +18,8 @@ import zmq
 
 from bridge.protocol import MaskMessage, encode_message
 
+from .security import CurveKeys, make_server
+
 
 class MaskPublisher:
     def __init__(
@@ -26,9 +28,12 @@ class MaskPublisher:
         sndhwm: int = 2,
         sndbuf: int = 0,
         context: zmq.Context | None = None,
+        curve: CurveKeys | None = None,
     ) -> None:
         self._ctx = context or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.PUB)
+        if curve is not None:  # encrypted, and only allow-listed subscribers (security.py)
+            make_server(self._sock, curve)
         self._sock.setsockopt(zmq.SNDHWM, sndhwm)
         self._sock.setsockopt(zmq.LINGER, 0)
         if sndbuf:

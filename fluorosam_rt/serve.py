@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import zmq
 
 from engines.base import Engine, EngineError
 
@@ -20,6 +21,7 @@ from .node_config import NodeSettings
 from .predictor import Predictor
 from .prompts import Prompt
 from .publish import MaskPublisher
+from .security import CurveGate, load_keys
 from .sources import create_source
 
 
@@ -41,6 +43,8 @@ class NodeApp:
     node: Node
     control: ControlServer | None
     bundle: ModelBundle
+    gate: CurveGate | None = None  # CURVE on: the ZAP authenticator and the node's own context
+    context: zmq.Context | None = None
 
     def start(self) -> None:
         self.node.start()
@@ -50,7 +54,12 @@ class NodeApp:
     def stop(self) -> dict[str, Any]:
         if self.control is not None:
             self.control.stop()
-        return self.node.stop()
+        final = self.node.stop()
+        if self.gate is not None:
+            self.gate.stop()
+        if self.context is not None:
+            self.context.destroy(linger=0)
+        return final
 
     def __enter__(self) -> NodeApp:
         self.start()
@@ -78,7 +87,15 @@ def build_app(settings: NodeSettings, bundle: ModelBundle | None = None) -> Node
         engine=engine,
     )
     source = create_source(settings.source)
-    publisher = MaskPublisher(settings.publish.endpoints, settings.publish.sndhwm, settings.publish.sndbuf)
+    sec = settings.security
+    context, gate, curve = None, None, None
+    if sec.curve_secret_key:
+        curve = load_keys(sec.curve_secret_key)
+        context = zmq.Context()
+        gate = CurveGate(context, sec.curve_allowed_clients or "")
+    publisher = MaskPublisher(
+        settings.publish.endpoints, settings.publish.sndhwm, settings.publish.sndbuf, context, curve
+    )
     node = Node(
         predictor,
         source,
@@ -100,8 +117,14 @@ def build_app(settings: NodeSettings, bundle: ModelBundle | None = None) -> Node
         ]
         if initial:
             node.prompts.set(initial)
-        control = ControlServer(node, settings.control.endpoint) if settings.control.endpoint else None
+        control = (
+            ControlServer(node, settings.control.endpoint, context, curve)
+            if settings.control.endpoint
+            else None
+        )
     except BaseException:
         publisher.close()
+        if gate is not None:
+            gate.stop()
         raise
-    return NodeApp(node=node, control=control, bundle=bundle)
+    return NodeApp(node=node, control=control, bundle=bundle, gate=gate, context=context)
