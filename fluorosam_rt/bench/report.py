@@ -195,16 +195,31 @@ def plot_cdf(result: dict[str, Any], path: Path) -> None:
 
     engines = sorted({c["engine"] for c in result["cells"]})
     fig, axes = plt.subplots(1, len(engines), figsize=(6.5 * len(engines), 4.5), squeeze=False)
+    rates = sorted(
+        {c["fps_label"] for c in result["cells"]},
+        key=lambda r: float("inf") if r == "unthrottled" else float(r),
+    )
+    ks = sorted({c["prompts"] for c in result["cells"]})
+    styles = ["-", "--", ":", "-."]
+    cmap = plt.get_cmap("tab10")
     for ax, engine in zip(axes[0], engines):
         for c in result["cells"]:
             if c["engine"] != engine or not c.get("samples_ms"):
                 continue
             x = np.asarray(c["samples_ms"])
             y = np.arange(1, x.size + 1) / x.size
-            ax.step(x, y, where="post", label=f"{c['fps_label']} fps, K={c['prompts']}")
+            ax.step(
+                x,
+                y,
+                where="post",
+                color=cmap(rates.index(c["fps_label"])),
+                ls=styles[ks.index(c["prompts"]) % len(styles)],
+                label=f"{c['fps_label']} fps, K={c['prompts']}",
+            )
         ax.axvline(TARGET_P99_MS, color="k", ls=":", lw=1, label="33 ms")
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("end-to-end latency, ms (frame in -> mask at subscriber)")
         ax.set_ylabel("fraction of frames")
         ax.set_title(f"engine: {engine}")
