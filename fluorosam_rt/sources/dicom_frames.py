@@ -103,7 +103,11 @@ def dataset_frames(ds: Any) -> list[tuple[np.ndarray, dict[str, Any]]]:
     caller (the SCP's 0xC000 answer, the replay reader) handles exactly one error type.
     """
     try:
-        check_image_attributes(ds)
+        try:
+            check_image_attributes(ds)
+        except ImageReadError as exc:
+            name = str(getattr(ds, "filename", None) or "<dataset>")
+            raise ImageReadError(f"cannot read image {name!r}: {exc}") from exc
         images = read_dicom_frames(ds)
         extra = dataset_meta(ds)
     except ImageReadError:
