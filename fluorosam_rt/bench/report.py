@@ -313,7 +313,7 @@ def markdown(result: dict[str, Any], image_prefix: str, notes: str = "") -> str:
         "```bash",
         ".venv/bin/fluorosam-rt bench --quick --out docs/bench --report docs/benchmarks.md   # a few minutes",
         ".venv/bin/fluorosam-rt bench --out docs/bench --report docs/benchmarks.md           # full sweep",
-        ".venv/bin/fluorosam-rt bench --soak 10 --out docs/bench/soak                        # issue 9 soak",
+        ".venv/bin/fluorosam-rt bench --soak 10 --out docs/bench-soak --report docs/benchmarks-soak.md",
         "```",
         "",
         "Absolute times belong to this machine under this load; they are not universal. Ratios "
