@@ -108,6 +108,7 @@ def test_eval_prompts_override_on_labelled_folder(tmp_path: Path, toy: Path) -> 
     assert all(r["prompt"] in {"both lungs", "L lung", "R lung"} for r in ev["cases"])
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(toy: Path, tmp_path: Path) -> None:
     straight = _cfg(tmp_path, toy, "a", max_steps=4, ckpt_every=2)
     fit(straight)

@@ -65,7 +65,12 @@ class FitConfig:
     log_every: int = 10
     ckpt_every: int = 200
     text_cache: str = ""  # where to keep the text-feature bank ("" = <out>/text_features.pt)
-    vq_init: bool = True  # initialise the codebook from the vocabulary's prompt tokens
+    # VQ: "snap" trains on the continuous text tokens (VQ off) and, at the end, fills the codebook
+    # with the tokens of every vocabulary phrasing, so a known phrasing is reproduced exactly and an
+    # unknown one snaps to the nearest known phrasing. "train" learns the codebook with the
+    # straight-through estimator and the commitment loss from the start.
+    vq: str = "snap"
+    vq_init: bool = True  # "train" mode: initialise the codebook from the canonical prompts' tokens
     progress: bool = True
     rescan_data: bool = False  # re-read the data folders each epoch (data still being generated)
     sampling: PromptSamplingConfig = field(default_factory=PromptSamplingConfig)
@@ -196,6 +201,28 @@ def text_encoder_for(model: FluoroSAM):
     if model.prompt_encoder.text_model is None:
         raise ValueError("a CLIP model needs its text tower (init from the official checkpoint)")
     return ClipTextEncoder(model.prompt_encoder.text_model)
+
+
+@torch.no_grad()
+def snap_codebook(model: FluoroSAM, canonical: torch.Tensor, others: torch.Tensor) -> int:
+    """Codebook := tokens of the canonical prompts, then of other phrasings, while codes last.
+
+    Why: a codebook learned from scratch in a short run collapses (every prompt snaps to one code
+    and the text stops mattering). Training with VQ off and snapping afterwards keeps the
+    trained prompt tokens exact. Returns the number of distinct texts given a code.
+    """
+    vq = model.prompt_encoder.vq
+    if vq is None:
+        return 0
+    feats = torch.cat([canonical, others]) if others.numel() else canonical
+    h = model.prompt_encoder.clip_mlp(feats.to(vq.codebook.dtype))
+    n = vq.codebook.shape[0]
+    used = min(n, h.shape[0])
+    book = h[torch.arange(n) % used]  # unused slots repeat real tokens (never a wrong snap target)
+    vq._codebook.embed.data[0] = book
+    vq._codebook.embed_avg.data[0] = book
+    vq.enabled = True
+    return used
 
 
 @torch.no_grad()
@@ -392,8 +419,15 @@ def fit(cfg: FitConfig, resume: str | None = None) -> dict[str, Any]:
         state = torch.load(resume, map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
         start_step = int(state["step"])
-    elif cfg.vq_init:
+    elif cfg.vq == "train" and cfg.vq_init:
         init_codebook(model, canonical, cfg.seed)
+    if cfg.vq not in ("snap", "train"):
+        raise ValueError(f"vq must be 'snap' or 'train', got {cfg.vq!r}")
+    if cfg.vq == "snap" and model.prompt_encoder.vq is not None:
+        model.prompt_encoder.vq.enabled = False
+    if d.world > 1 and d.device.type == "cuda":
+        # Per-GPU batches are small; synchronised statistics keep BatchNorm equal to one big batch.
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(d.device)
     step_module = TrainStep(model, bank.features, cfg.loss).to(d.device)
     net: nn.Module = step_module
@@ -560,6 +594,12 @@ def fit(cfg: FitConfig, resume: str | None = None) -> dict[str, Any]:
         from fluorosam_rt.checkpoint import save_native
 
         model.eval()
+        if cfg.vq == "snap":
+            canon_texts = {bank.idx(st.prompt) for st in ds.structures.values()}
+            other = [i for i in range(len(bank)) if i not in canon_texts]
+            summary["codebook_texts"] = snap_codebook(
+                model, bank.features[sorted(canon_texts)], bank.features[other]
+            )
         save_native(
             model,
             out / "model.safetensors",

@@ -1,0 +1,72 @@
+"""Turn a trained run into the embedded default model: calibrate, install, cache the vocabulary's tokens.
+
+``python -m train.ship --checkpoint runs/x/model.safetensors --calib-data <FluoroSeg root>``
+
+1. The presence threshold is calibrated on the synthetic validation split (the even-numbered
+   images, so the odd ones stay a held-out check of the false-positive rate) and written into
+   the file's metadata, which is where ``load_bundle`` reads it.
+2. The file is copied to ``fluorosam_rt/assets/default_model.safetensors`` (size checked).
+3. The prompt tokens of every vocabulary phrasing are precomputed into
+   ``fluorosam_rt/assets/prompt_cache/``, keyed by the model's token identity, so a node that
+   points its cache there starts without running the text encoder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import torch
+
+MAX_BYTES = 25 * 1024 * 1024
+
+
+def ship(checkpoint: str, calib_data: str, cases: str = "even", max_fpr: float = 0.05) -> dict[str, object]:
+    from fluorosam_rt.bundle import ASSETS_DIR, DEFAULT_MODEL_PATH, load_bundle
+    from fluorosam_rt.predictor import token_identity
+    from fluorosam_rt.prompts import PromptCache, prompt_texts_from_yaml
+    from train.evaluate import EvalOptions, calibrate_checkpoint
+    from train.synth.vocabulary import DEFAULT_VOCABULARY
+
+    t = calibrate_checkpoint(checkpoint, calib_data, "val", EvalOptions(clicks=(), cases=cases), max_fpr)
+    size = Path(checkpoint).stat().st_size
+    if size > MAX_BYTES:
+        raise SystemExit(f"{checkpoint} is {size / 2**20:.1f} MiB; the embedded model must be <= 25 MiB")
+    DEFAULT_MODEL_PATH.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(checkpoint, DEFAULT_MODEL_PATH)
+    b = load_bundle()
+    cache_dir = ASSETS_DIR / "prompt_cache"
+    if cache_dir.is_dir():
+        for old in cache_dir.glob("prompt-tokens-*.safetensors"):
+            old.unlink()
+    cache = PromptCache(token_identity(b.model, b.text_encoder), directory=cache_dir)
+    texts = prompt_texts_from_yaml(DEFAULT_VOCABULARY)
+
+    def token_fn(keys: list[str]) -> torch.Tensor:  # the same path as Predictor._token_fn
+        with torch.no_grad():
+            return b.model.text_tokens(b.text_encoder.encode(keys))
+
+    cache.encode(texts, token_fn)
+    return {
+        "presence_threshold": t,
+        "model": str(DEFAULT_MODEL_PATH),
+        "bytes": size,
+        "prompt_cache": str(cache.path),
+        "prompts": len(cache),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--calib-data", required=True, help="FluoroSeg root(s) with a val split")
+    ap.add_argument("--cases", default="even", choices=["all", "even", "odd"])
+    ap.add_argument("--max-fpr", type=float, default=0.05)
+    a = ap.parse_args()
+    print(ship(a.checkpoint, a.calib_data, a.cases, a.max_fpr))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
