@@ -29,7 +29,6 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from bridge.protocol import MaskMessage, PromptResult, mask_shape
 from engines.base import Engine
@@ -289,11 +288,11 @@ class Node:
         if prompts:
             best = iou.argmax(dim=1)
             chosen = low[torch.arange(len(prompts)), best]
-            logits = p.postprocess(chosen) if self.downsample == 1 else self._resize_logits(chosen, out_shape)
+            logits = p.postprocess(chosen, out_shape)
             for i in range(len(prompts)):
                 score = float(iou[i, best[i]])
                 present = score >= p.presence_threshold
-                m = (logits[i] > p.mask_threshold).numpy().astype(np.uint8) if present else None
+                m = (logits[i] > p.mask_threshold).view(np.uint8) if present else None
                 done.masks.append(m if m is not None else np.zeros(out_shape, np.uint8))
                 done.scores.append(score)
                 done.present.append(present)
@@ -304,16 +303,6 @@ class Node:
             )
         t["postprocessed"] = time.time_ns()
         return done
-
-    def _resize_logits(self, low: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
-        """Like Predictor.postprocess, but straight to the downsampled size (no full-size pass)."""
-        p = self.predictor
-        s = p.engine.img_size
-        rh, rw = p.info.resized_hw
-        x = F.interpolate(low[:, None], (s, s), mode="bilinear", align_corners=False)[..., :rh, :rw]
-        if (rh, rw) != out_hw:
-            x = F.interpolate(x, out_hw, mode="bilinear", align_corners=False)
-        return x[:, 0]
 
     def _run_engine(self, call: Any) -> Any:
         try:
