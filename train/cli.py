@@ -27,6 +27,26 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--structures", default="", help="comma-separated structure/group names to annotate (all)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (CUDA when available)")
     p.add_argument("--contact-sheet", type=int, default=8, help="images in contact_sheet.png (0: none)")
+    p.add_argument(
+        "--backend",
+        choices=["torch", "deepdrr"],
+        default="torch",
+        help="renderer: our torch projector (CPU/CUDA), or deepdrr (optional, needs deepdrr and CUDA)",
+    )
+    p.add_argument(
+        "--tool-stl",
+        action="append",
+        default=[],
+        metavar="PATH[:material[:name]]",
+        help="a user STL mesh (mm) placed as a tool on a bone in every case (repeatable); material from the "
+        "attenuation tables (default stainless_steel), name = its prompt (default 'tool')",
+    )
+    p.add_argument(
+        "--tool-stl-max-angle",
+        type=float,
+        default=180.0,
+        help="largest rotation (degrees) of a user mesh away from its file's orientation",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run_synth)
 
@@ -36,8 +56,9 @@ def _run_synth(args: argparse.Namespace) -> int:
 
     from train.synth.contact_sheet import contact_sheet
     from train.synth.ct_source import CTInputError
-    from train.synth.generate import SynthConfig, generate
-    from train.synth.vocabulary import UnknownStructureError
+    from train.synth.generate import SynthConfig, generate, resolve_user_tools
+    from train.synth.mesh import STLError
+    from train.synth.vocabulary import UnknownStructureError, Vocabulary
 
     device = args.device
     if device == "auto":
@@ -54,13 +75,26 @@ def _run_synth(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         structures=[s.strip() for s in args.structures.split(",") if s.strip()],
         device=device,
+        backend=args.backend,
+        tool_stl=list(args.tool_stl),
+        stl_max_angle_deg=args.tool_stl_max_angle,
     )
     if cfg.n < 1 or cfg.size < 8:
         print("error: --n must be >= 1 and --size >= 8", file=sys.stderr)
         return 2
+    if cfg.backend == "deepdrr":
+        from train.synth.deepdrr_backend import deepdrr_unavailable_reason
+
+        why = deepdrr_unavailable_reason()
+        if why is not None:
+            print(f"error: --backend deepdrr: {why}", file=sys.stderr)
+            return 2
+        if device == "cpu":
+            cfg.device = "cuda"
     try:
+        resolve_user_tools(Vocabulary.load(), cfg.tool_stl)  # bad specs fail before the CT is read
         summary = generate(cfg, progress=not args.no_progress)
-    except (CTInputError, UnknownStructureError) as e:
+    except (CTInputError, UnknownStructureError, STLError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.contact_sheet > 0:

@@ -18,11 +18,13 @@ import numpy as np
 import torch
 
 from train.synth.annotate import build_annotations
+from train.synth.backend import make_backend
 from train.synth.fluoroseg_io import write_case, write_image, write_splits
 from train.synth.geometry import Camera, sample_camera
-from train.synth.physics import PhysicsParams, collimator_mask, form_image, sample_physics
-from train.synth.projector import Projector
-from train.synth.tools import Tool, sample_tools
+from train.synth.mesh import STLSpec, make_mesh_tool, read_stl
+from train.synth.physics import PhysicsParams, collimator_mask, sample_physics
+from train.synth.projector import RayTool
+from train.synth.tools import sample_tools
 from train.synth.vocabulary import Vocabulary
 from train.synth.volume import PreparedVolume
 
@@ -45,6 +47,9 @@ class SynthConfig:
     density_spacing_mm: float = 2.0
     label_spacing_mm: float = 1.5
     p_no_tools: float = 0.3
+    backend: str = "torch"  # "torch" (ours) or "deepdrr" (optional, CUDA)
+    tool_stl: list[str] = field(default_factory=list)  # PATH[:material[:name]], placed in every case
+    stl_max_angle_deg: float = 180.0  # user meshes turn at most this far from their file's orientation
 
 
 def anchor_points(vol: PreparedVolume, margin_mm: float = 40.0) -> np.ndarray:
@@ -61,19 +66,41 @@ class Renderer:
     """One image end to end: projection, physics, annotations. Owned by a worker process."""
 
     def __init__(
-        self, vol: PreparedVolume, vocab: Vocabulary, keep_ids: set[int] | None, device: str = "cpu"
+        self,
+        vol: PreparedVolume,
+        vocab: Vocabulary,
+        keep_ids: set[int] | None,
+        device: str = "cpu",
+        backend: str = "torch",
+        stl_specs: list[STLSpec] | None = None,
+        stl_max_angle_deg: float = 180.0,
     ):
         self.vol = vol
         self.vocab = vocab
-        self.projector = Projector(vol, device=device)
+        self.backend = make_backend(backend, vol, device)
+        self.projector = self.backend.projector
         self.keep_ids = keep_ids
         self.anchors = anchor_points(vol)
+        self.stl_specs = list(stl_specs or [])
+        self.stl_meshes = [read_stl(s.path) for s in self.stl_specs]
+        self.stl_max_angle_deg = stl_max_angle_deg
+
+    def user_tools(self, seed: int, case: int) -> list[RayTool]:
+        """The user's meshes placed for one case, each from its own random stream.
+
+        Separate streams leave the procedural tools and views of a seed unchanged when meshes are added.
+        """
+        out: list[RayTool] = []
+        for k, (spec, tris) in enumerate(zip(self.stl_specs, self.stl_meshes)):
+            rng = np.random.default_rng([seed, case, 1_000_000 + k])
+            name = self.vocab.by_id[spec.category_id].name
+            out.append(make_mesh_tool(rng, self.vol, spec, tris, name, self.stl_max_angle_deg))
+        return out
 
     def render(
-        self, cam: Camera, tools: list[Tool], phys: PhysicsParams, image_id: int, gen: torch.Generator
+        self, cam: Camera, tools: list[RayTool], phys: PhysicsParams, image_id: int, gen: torch.Generator
     ) -> tuple[np.ndarray, dict[str, Any], Any]:
-        proj = self.projector.project(cam, tools)
-        img = form_image(proj.line_integrals, phys, generator=gen)
+        img, proj = self.backend.render(cam, tools, phys, generator=gen)
         fov = collimator_mask(cam.height, cam.width, phys, img.device)
         leaves = {lid: proj.label_hits[i] for i, lid in enumerate(proj.label_ids)}
         for ti, tid in enumerate(proj.tool_ids):
@@ -87,10 +114,33 @@ class Renderer:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(vol_path: str, keep: list[int] | None, device: str, threads: int) -> None:
+def resolve_user_tools(vocab: Vocabulary, specs: list[str]) -> tuple[Vocabulary, list[STLSpec]]:
+    """Parse ``--tool-stl`` specs and give each its user-tool category (named after the user's name)."""
+    default = vocab.by_name["custom_tool"].material or "stainless_steel"
+    parsed = [STLSpec.parse(s, default) for s in specs]
+    if not parsed:
+        return vocab, []
+    for p in parsed:
+        read_stl(p.path)  # fail before any work is done, with the file's problem
+    vocab, ids = vocab.with_user_tools([p.name for p in parsed], [p.material for p in parsed])
+    return vocab, [STLSpec(p.path, p.material, p.name, cid) for p, cid in zip(parsed, ids)]
+
+
+def _init_worker(
+    vol_path: str,
+    keep: list[int] | None,
+    device: str,
+    threads: int,
+    backend: str = "torch",
+    stl: list[str] | None = None,
+    stl_max_angle_deg: float = 180.0,
+) -> None:
     torch.set_num_threads(threads)
     vol = PreparedVolume.load(vol_path)
-    _WORKER["r"] = Renderer(vol, Vocabulary.load(), set(keep) if keep is not None else None, device)
+    vocab, specs = resolve_user_tools(Vocabulary.load(), list(stl or []))
+    _WORKER["r"] = Renderer(
+        vol, vocab, set(keep) if keep is not None else None, device, backend, specs, stl_max_angle_deg
+    )
 
 
 def _case_name(i: int) -> str:
@@ -103,7 +153,7 @@ def render_case(
     """Render and write one case (a CT plus one tool scenario, several views); returns its summary."""
     r: Renderer = _WORKER["r"]
     rng = np.random.default_rng([seed, case])
-    tools = sample_tools(rng, r.vol, p_none=p_no_tools)
+    tools: list[RayTool] = [*sample_tools(rng, r.vol, p_none=p_no_tools), *r.user_tools(seed, case)]
     case_dir = Path(out) / _case_name(case)
     case_dir.mkdir(parents=True, exist_ok=True)
     images = []
@@ -157,7 +207,7 @@ def generate(cfg: SynthConfig, progress: bool = True) -> dict[str, Any]:
     from train.synth.volume import prepare_volume
 
     t_start = time.perf_counter()
-    vocab = Vocabulary.load()
+    vocab, _ = resolve_user_tools(Vocabulary.load(), cfg.tool_stl)
     keep: list[int] | None = None
     if cfg.structures:
         ids: set[int] = set()
@@ -191,16 +241,15 @@ def generate(cfg: SynthConfig, progress: bool = True) -> dict[str, Any]:
     threads = max(1, (os.cpu_count() or 1) // workers) if cfg.device == "cpu" else 1
     bar = tqdm(total=cfg.n, unit="img", disable=not progress, desc="synth")
     results = []
+    init = (str(vol_path), keep, cfg.device, threads, cfg.backend, cfg.tool_stl, cfg.stl_max_angle_deg)
     if workers == 1:
-        _init_worker(str(vol_path), keep, cfg.device, threads)
+        _init_worker(*init)
         for job in jobs:
             results.append(render_case(*job))
             bar.update(job[1])
     else:
         ctx = mp.get_context("spawn")
-        with ctx.Pool(
-            workers, initializer=_init_worker, initargs=(str(vol_path), keep, cfg.device, threads)
-        ) as pool:
+        with ctx.Pool(workers, initializer=_init_worker, initargs=init) as pool:
             for res in pool.imap_unordered(_star, jobs):
                 results.append(res)
                 bar.update(res["n"])

@@ -127,8 +127,19 @@ def form_image(
     line_integrals: torch.Tensor, params: PhysicsParams, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """Line integrals (M, H, W) -> displayed image in [0, 1] (float32; bone bright unless ``invert``)."""
-    h, w = line_integrals.shape[1:]
     prim = polychromatic_transmission(line_integrals, params.kvp, params.cu_mm)
+    return detector_image(prim, params, generator)
+
+
+def detector_image(
+    prim: torch.Tensor, params: PhysicsParams, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Primary transmission (H, W) -> displayed image: scatter, noise, blur, neglog, collimator, window.
+
+    Split from ``form_image`` so a backend with its own attenuation model (deepdrr) shares everything the
+    detector does after the patient.
+    """
+    h, w = prim.shape
     # Scatter: attenuation events spread by a broad kernel (computed at 1/4 size: it is smooth anyway).
     src = (prim * (-torch.log(prim.clamp_min(1e-6))))[None, None]
     small = F.avg_pool2d(src, 4)

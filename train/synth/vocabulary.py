@@ -5,6 +5,7 @@ One file serves the data engine and the node's prompt cache, so ids and canonica
 
 from __future__ import annotations
 
+import copy
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 import yaml
 
 DEFAULT_VOCABULARY = Path(__file__).resolve().parents[2] / "configs" / "vocabulary.yaml"
+USER_TOOL_PLACEHOLDER = "custom_tool"  # the vocabulary's category for users' STL tools
 
 
 class UnknownStructureError(KeyError):
@@ -48,6 +50,7 @@ class Vocabulary:
     """Lookup and group resolution over the vocabulary file."""
 
     def __init__(self, doc: dict[str, Any]):
+        self._doc = doc
         self.categories: list[Category] = []
         for kind, key in (("structure", "structures"), ("group", "groups"), ("tool", "tools")):
             for e in doc.get(key, []):
@@ -108,6 +111,51 @@ class Vocabulary:
     def group_member_ids(self) -> dict[int, list[int]]:
         """Group id -> ids of its leaf structures/tools."""
         return {g.id: [self.by_name[n].id for n in self.leaves(g.name)] for g in self.groups}
+
+    def with_user_tools(self, names: list[str | None], materials: list[str]) -> tuple[Vocabulary, list[int]]:
+        """A copy whose user-tool categories carry the users' names as prompts; returns it and each tool's id.
+
+        The placeholder (``custom_tool``, the highest tool id) takes the first distinct name, so a data set
+        with one user tool keeps the id the node's vocabulary knows; further distinct names take the free ids
+        below it and join every group the placeholder is in (the all-tools group). Tools given the same name,
+        or none, share a category: their masks are one union, like several screws of one kind.
+        """
+        doc = copy.deepcopy(self._doc)
+        tools = doc.get("tools", [])
+        holder = next((t for t in tools if t["name"] == USER_TOOL_PLACEHOLDER), None)
+        if holder is None:
+            raise UnknownStructureError(f"the vocabulary has no {USER_TOOL_PLACEHOLDER!r} placeholder tool")
+        used = {c.id for c in self.categories}
+        keys: list[str | None] = []
+        for n in names:
+            if n not in keys:
+                keys.append(n)
+        ids: dict[str | None, int] = {}
+        free = int(holder["id"])
+        for k, key in enumerate(keys):
+            mat = materials[names.index(key)]
+            if k == 0:
+                entry, ids[key] = holder, int(holder["id"])
+            else:
+                free -= 1
+                while free in used:
+                    free -= 1
+                if free <= 300:
+                    raise ValueError("too many distinct user tool names for the tool id range 301-399")
+                entry = {"id": free, "name": f"{USER_TOOL_PLACEHOLDER}_{free}"}
+                tools.append(entry)
+                ids[key] = free
+                for g in doc.get("groups", []):
+                    if USER_TOOL_PLACEHOLDER in (g.get("members") or []):
+                        g["members"].append(entry["name"])
+            base = self.by_name[USER_TOOL_PLACEHOLDER]
+            if key is not None:
+                entry["prompt"] = key
+                entry["phrasings"] = [p for p in (base.prompt, *base.phrasings) if p != key]
+            else:
+                entry["prompt"], entry["phrasings"] = base.prompt, list(base.phrasings)
+            entry["material"] = mat
+        return Vocabulary(doc), [ids[n] for n in names]
 
     def coco_categories(self) -> list[dict[str, Any]]:
         return [c.to_coco() for c in self.categories]
