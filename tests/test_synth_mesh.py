@@ -131,21 +131,35 @@ def test_tetrahedron_and_overlapping_shells() -> None:
     tool2 = MeshTool("multi", 399, "titanium", np.concatenate([box_triangles(a, b) for a, b in boxes]))
     src = np.array([-200.0, 10.0, 10.0])
     d = _rays(rng, src, np.array([30.0, 10.0, 10.0]), 8.0, 2000)
-    want = np.zeros(len(d))
-    for i, di in enumerate(d):
-        spans = []
-        for a, b in boxes:
-            ta, tb = (np.array(a) - src) / di, (np.array(b) - src) / di
-            t0, t1 = np.minimum(ta, tb).max(), np.maximum(ta, tb).min()
-            if t1 > t0:
-                spans.append((t0, t1))
-        spans.sort()
-        end = -np.inf
-        for t0, t1 in spans:
-            want[i] += max(0.0, t1 - max(t0, end))
-            end = max(end, t1)
+    want = _union_length(src, d, boxes)
     assert np.abs(_lengths(tool2, src, d) - want).max() < 1e-6
     assert (want > 30).sum() > 100  # rays through both overlapping boxes are in the sample
+    # A source between the shells, inside the mesh's bounding sphere (every ray against every triangle).
+    src = np.array([42.0, 10.0, 10.0])
+    d = rng.normal(size=(1500, 3))
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    want = _union_length(src, d, boxes)
+    assert (want > 0).sum() > 150
+    assert np.abs(_lengths(tool2, src, d) - want).max() < 1e-6
+
+
+def _union_length(src: np.ndarray, d: np.ndarray, boxes) -> np.ndarray:
+    """Length of each ray (t > 0) inside the union of axis-aligned boxes, from sorted slab intervals."""
+    want = np.zeros(len(d))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for i, di in enumerate(d):
+            spans = []
+            for a, b in boxes:
+                ta, tb = (np.array(a) - src) / di, (np.array(b) - src) / di
+                t0, t1 = max(np.nanmax(np.minimum(ta, tb)), 0.0), np.nanmin(np.maximum(ta, tb))
+                if t1 > t0:
+                    spans.append((t0, t1))
+            spans.sort()
+            end = -np.inf
+            for t0, t1 in spans:
+                want[i] += max(0.0, t1 - max(t0, end))
+                end = max(end, t1)
+    return want
 
 
 def _empty_volume() -> PreparedVolume:

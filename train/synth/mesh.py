@@ -151,16 +151,66 @@ class MeshTool:
         ct = torch.as_tensor(c, dtype=dirs.dtype, device=dirs.device)
         w = ct - src
         along = dirs @ w
-        near = torch.nonzero(((w @ w) - along * along) <= rad * rad).squeeze(1)
+        close = ((w @ w) - along * along) <= rad * rad
+        outside = float(w @ w) > rad * rad
+        if outside:  # the whole mesh is in front of the source: rays pointing away cannot meet it
+            close &= along > 0
+        near = torch.nonzero(close).squeeze(1)
         out = torch.zeros(dirs.shape[0], dtype=dirs.dtype, device=dirs.device)
         if near.numel() == 0:
             return out
-        n, a, q, tq = self._terms(src.to(dirs.dtype))
-        chunk = max(1, PAIR_BUDGET // n.shape[0])
-        for r0 in range(0, near.numel(), chunk):
-            idx = near[r0 : r0 + chunk]
-            out[idx] = _inside_length(dirs[idx], n, a, q, tq)
+        terms = self._terms(src.to(dirs.dtype))
+        d = dirs[near]
+        groups = self._ray_groups(src, d) if outside else None
+        if groups is None:  # source inside the bounding sphere: every ray against every triangle
+            groups = [(torch.arange(d.shape[0], device=d.device), None)]
+        for ridx, tidx in groups:
+            sub = terms if tidx is None else tuple(x[tidx] for x in terms)
+            chunk = max(1, PAIR_BUDGET // sub[0].shape[0])
+            for r0 in range(0, ridx.numel(), chunk):
+                r = ridx[r0 : r0 + chunk]
+                out[near[r]] = _inside_length(d[r], *sub)
         return out
+
+    def _ray_groups(
+        self, src: torch.Tensor, d: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Rays binned on a grid of directions, each bin with the triangles that can meet its rays.
+
+        Seen from the source, a ray can only hit a triangle whose central projection contains the ray's
+        direction, so comparing each bin's direction range with the triangles' projected bounding boxes drops
+        most (ray, triangle) pairs before Möller–Trumbore. None when a vertex is not in front of the source.
+        """
+        c, _ = self.bounds()
+        axis = c - src.detach().cpu().numpy()
+        axis = axis / np.linalg.norm(axis)
+        e1 = np.cross(axis, [1.0, 0.0, 0.0] if abs(axis[0]) < 0.9 else [0.0, 1.0, 0.0])
+        e1 /= np.linalg.norm(e1)
+        frame = torch.as_tensor(np.stack([axis, e1, np.cross(axis, e1)]), dtype=d.dtype, device=d.device)
+        tri = torch.as_tensor(self.triangles, dtype=d.dtype, device=d.device)
+        tw = (tri - src) @ frame.T  # (T, 3, 3) in (along the axis, across 1, across 2)
+        if bool((tw[..., 0] <= 1e-9).any()):
+            return None
+        txy = tw[..., 1:] / tw[..., :1]
+        pad = 1e-7 * (1.0 + txy.abs().amax())
+        lo, hi = txy.amin(1) - pad, txy.amax(1) + pad  # (T, 2) projected bounding boxes
+        rw = d @ frame.T
+        rxy = rw[:, 1:] / rw[:, :1]
+        g = int(np.clip(np.sqrt(d.shape[0] / 96.0), 1, 48))
+        x0, x1 = rxy.amin(0), rxy.amax(0)
+        cw = ((x1 - x0) / g).clamp_min(1e-12)
+        ij = ((rxy - x0) / cw).floor().long().clamp(0, g - 1)
+        cell = ij[:, 0] * g + ij[:, 1]
+        order = torch.argsort(cell)
+        _, counts = torch.unique_consecutive(cell[order], return_counts=True)
+        groups = []
+        for ridx in torch.split(order, counts.tolist()):
+            clo, chi = rxy[ridx].amin(0), rxy[ridx].amax(0)
+            m = (hi[:, 0] >= clo[0]) & (lo[:, 0] <= chi[0]) & (hi[:, 1] >= clo[1]) & (lo[:, 1] <= chi[1])
+            tidx = torch.nonzero(m).squeeze(1)
+            if tidx.numel():
+                groups.append((ridx, tidx))
+        return groups
 
     def to_json(self) -> dict[str, Any]:
         return {
