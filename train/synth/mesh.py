@@ -2,7 +2,9 @@
 
 Path length per ray is computed from the ray/triangle intersections, not by voxelising: every ray of a view
 leaves the same source point, so Möller–Trumbore's per-triangle terms that depend only on the source are
-computed once and each of u, v, t and the determinant becomes one (rays x triangles) matrix product. The hits
+computed once and each of u, v, t and the determinant becomes one (rays x triangles) matrix product, chunked
+to bound memory. Rays are first binned by direction and each bin meets only the triangles whose projection
+from the source can contain its rays, which cuts the pairs by orders of magnitude for real meshes. The hits
 are sorted along each ray and a winding count turns them into inside intervals (entry/exit pairs), which makes
 non-convex meshes and overlapping shells (CAD exports often have several) come out as the union of their
 solids. Duplicate hits where a ray crosses an edge shared by two triangles are merged, so rays through a
