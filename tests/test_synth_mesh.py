@@ -196,7 +196,9 @@ def test_mesh_tool_mask_is_its_silhouette_and_adds_attenuation() -> None:
     mask = out.tool_hits[0].numpy()
     sil = _silhouette(cam, tool.triangles)
     assert sil.sum() > 400
-    assert (mask != sil).sum() <= 0.01 * sil.sum()  # only pixel centres that sit on an outline may differ
+    assert (
+        mask != sil
+    ).sum() <= 3  # only a pixel centre exactly on an outline may differ (a 1-px shift: ~100)
     # The line integral is path length x density, and zero outside the mask.
     src = torch.as_tensor(cam.source)
     pix = cam.pixel_world().reshape(-1, 3)
