@@ -37,8 +37,7 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float, gamma: 
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """Per-mask soft Dice loss. With an empty target it reduces to sum(p) / (sum(p) + eps),
-    which still drives an absent prompt's mask to empty."""
+    """Per-mask soft Dice loss (used for present targets; see segmentation_loss for absent ones)."""
     p = torch.sigmoid(logits).flatten(-2)
     t = target.flatten(-2)
     inter = (p * t).sum(-1)
@@ -68,8 +67,8 @@ def segmentation_loss(
     is the one with the lowest mask loss; its index is also returned for click sampling.
     """
     t = targets[:, None].expand_as(logits).float()
-    per = cfg.focal_weight * focal_loss(logits.float(), t, cfg.focal_alpha, cfg.focal_gamma)
-    per = per + cfg.dice_weight * dice_loss(logits.float(), t)  # [K, 3]
+    focal = cfg.focal_weight * focal_loss(logits.float(), t, cfg.focal_alpha, cfg.focal_gamma)
+    per = focal + cfg.dice_weight * dice_loss(logits.float(), t)  # [K, 3]
     best = per.argmin(dim=1)
     rows = torch.arange(logits.shape[0], device=logits.device)
     pres = present.to(per.dtype)
@@ -77,7 +76,10 @@ def segmentation_loss(
     # ranks, and only a per-prompt mean makes DDP's gradient average equal one big batch.
     k = max(1, logits.shape[0])
     mask_present = (per[rows, best] * pres).sum() / k
-    mask_absent = (per.mean(1) * (1 - pres)).sum() / k
+    # Absent prompts: focal only, on every output. Dice against an empty target keeps pushing
+    # until sum(p) << 1 (logits near -14), saturating the outputs that only absent prompts train,
+    # which then never win best-of-3 again; focal stops caring once a pixel is confidently empty.
+    mask_absent = (focal.mean(1) * (1 - pres)).sum() / k
     with torch.no_grad():
         actual = mask_iou(logits, t)
     iou_l = F.mse_loss(iou_pred.float(), actual, reduction="none").mean(1)
