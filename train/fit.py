@@ -627,6 +627,7 @@ def run_fit(args: argparse.Namespace) -> int:
         ("time_budget", "time_budget_s"),
         ("seed", "seed"),
         ("text_cache", "text_cache"),
+        ("init", "init"),
     ):
         v = getattr(args, attr)
         if v is not None:

@@ -18,6 +18,9 @@ def add_fit_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--time-budget", type=float, default=None, help="seconds of training (overrides config)")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--init", default=None, help="scratch, official:<path> or native:<path> (overrides config)"
+    )
     p.add_argument("--text-cache", default=None, help="text-feature cache file (shared between runs)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run_fit)
