@@ -52,17 +52,18 @@ def _stats(samples: tuple[list[float], list[float]]) -> dict[str, float]:
     }
 
 
-def _small_model(checkpoint: str | None):
+def _small_model(checkpoint: str | None, random_size: int | None = None):
+    """The embedded model (or a given checkpoint); random_size times the architecture instead."""
     from .bundle import DEFAULT_MODEL_PATH
     from .checkpoint import load_native
     from .model.build import build_model
     from .model.config import small_realtime
 
     path = checkpoint or (str(DEFAULT_MODEL_PATH) if DEFAULT_MODEL_PATH.is_file() else None)
-    if path:
+    if path and random_size is None:
         return load_native(path).model, f"weights {path}"
     torch.manual_seed(0)
-    return build_model(small_realtime()), "random init (timing only)"
+    return build_model(small_realtime(random_size or 256)), "random init (timing only)"
 
 
 def _official_model():
@@ -203,7 +204,7 @@ def run_model_benchmark(args: argparse.Namespace) -> int:
     }
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         if name == "small":
-            model, weights = _small_model(args.checkpoint)
+            model, weights = _small_model(args.checkpoint, args.random_small)
             r = bench_one(model, counts, args.runs, warmup=5)
             results["end_to_end"][name] = bench_end_to_end(model, 3, args.runs, warmup=5)
         elif name == "official":

@@ -166,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--official-runs", type=int, default=3, help="timed runs per cell for Swin-L")
     bench.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     bench.add_argument("--checkpoint", help="small model weights (default: embedded model or random init)")
+    bench.add_argument(
+        "--random-small", type=int, metavar="PX", help="time a random-weight small model at this input size"
+    )
     bench.add_argument("--json", help="write results here")
     bench.set_defaults(func=cmd_bench_model)
 
