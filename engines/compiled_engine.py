@@ -23,7 +23,7 @@ import torch
 
 from fluorosam_rt.model.sam import FluoroSAM
 
-from .base import Engine, EngineError
+from .base import Engine, EngineError, GraphDims
 from .graphs import FrameDecoder, FrameEncoder
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -106,9 +106,7 @@ class TorchCompiledEngine(Engine):
         m.image_encoder.to(self.dtype)
         m.mask_decoder.to(self.dtype)
         self._model_name = m.cfg.name
-        self._img_size = m.img_size
-        self._low_res = m.low_res_size
-        self._m = m.mask_decoder.num_multimask_outputs
+        self.dims = GraphDims.of(m)
         self._embed_dim = m.cfg.prompt_encoder.embed_dim
         self.encoder = FrameEncoder(m, self.dtype).eval()
         self.decoder = FrameDecoder(m, self.dtype).to(self.device).eval()
@@ -125,18 +123,6 @@ class TorchCompiledEngine(Engine):
             except Exception as exc:  # torch.compile raises backend-specific errors
                 raise EngineError(f"torch.compile is unavailable here: {exc}") from exc
         self._graphs: dict[tuple, _Captured] = {}
-
-    @property
-    def img_size(self) -> int:
-        return self._img_size
-
-    @property
-    def low_res_size(self) -> int:
-        return self._low_res
-
-    @property
-    def num_multimask_outputs(self) -> int:
-        return self._m
 
     def _run(self, key: tuple, fn: Callable[..., Any], args: list[torch.Tensor]) -> Any:
         if not self.cuda_graphs:

@@ -15,7 +15,7 @@ import torch
 
 from fluorosam_rt.model.sam import FluoroSAM
 
-from .base import Engine, EngineError
+from .base import Engine, EngineError, GraphDims
 from .cache import EngineCache, model_hash
 from .onnx_graphs import ensure_onnx_graphs
 
@@ -52,9 +52,7 @@ class OnnxRuntimeEngine(Engine):
                 f"onnxruntime is not installed ({exc}); "
                 "install the 'onnx' extra: pip install 'fluorosam-rt[onnx]'"
             ) from exc
-        self._img_size = model.img_size
-        self._low_res = model.low_res_size
-        self._m = model.mask_decoder.num_multimask_outputs
+        self.dims = GraphDims.of(model)
         self._model_name = model.cfg.name
         self.cache = cache or EngineCache()
         self.model_hash = model_hash(model)
@@ -68,18 +66,6 @@ class OnnxRuntimeEngine(Engine):
             }
         except Exception as exc:  # ORT raises its own exception types per failure
             raise EngineError(f"onnxruntime could not load the graphs in {self.cache.root}: {exc}") from exc
-
-    @property
-    def img_size(self) -> int:
-        return self._img_size
-
-    @property
-    def low_res_size(self) -> int:
-        return self._low_res
-
-    @property
-    def num_multimask_outputs(self) -> int:
-        return self._m
 
     @staticmethod
     def _np(t: torch.Tensor) -> np.ndarray:

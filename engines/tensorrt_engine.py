@@ -206,18 +206,6 @@ class TensorRTEngine(Engine):
             for g, p in paths.items()
         }
 
-    @property
-    def img_size(self) -> int:
-        return self.dims.img_size
-
-    @property
-    def low_res_size(self) -> int:
-        return self.dims.low_res_size
-
-    @property
-    def num_multimask_outputs(self) -> int:
-        return self.dims.num_masks
-
     @torch.inference_mode()
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
         shapes = self.dims.shapes("encoder")

@@ -9,7 +9,7 @@ import torch
 
 from fluorosam_rt.model.sam import FluoroSAM
 
-from .base import Engine
+from .base import Engine, GraphDims
 
 
 class TorchEngine(Engine):
@@ -18,6 +18,7 @@ class TorchEngine(Engine):
     def __init__(self, model: FluoroSAM, device: str | torch.device = "cpu", fuse: bool = True) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        self.dims = GraphDims.of(self.model)
         self.image_encoder = self.model.image_encoder
         small = getattr(self.image_encoder, "small", None)
         if fuse and small is not None:
@@ -25,18 +26,6 @@ class TorchEngine(Engine):
             # and its state dict unchanged, while the frame path saves one op per conv.
             self.image_encoder = copy.deepcopy(self.image_encoder)
             self.image_encoder.small.fuse_for_inference()
-
-    @property
-    def img_size(self) -> int:
-        return self.model.img_size
-
-    @property
-    def low_res_size(self) -> int:
-        return self.model.low_res_size
-
-    @property
-    def num_multimask_outputs(self) -> int:
-        return self.model.mask_decoder.num_multimask_outputs
 
     @torch.inference_mode()
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:

@@ -10,52 +10,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from fluorosam_rt.model.sam import FluoroSAM
-
+from .base import GraphDims
 from .cache import EngineKey
-from .export import GRAPHS, graph_io
+from .export import graph_io
 
 TRT_PRECISIONS = ("fp16", "fp32")
 Shape = tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class GraphDims:
-    """The model sizes the graphs' shapes are made of."""
-
-    img_size: int
-    embed_dim: int
-    embedding_size: int
-    low_res_size: int
-    num_masks: int
-
-    @classmethod
-    def of(cls, model: FluoroSAM) -> GraphDims:
-        return cls(
-            img_size=model.img_size,
-            embed_dim=model.cfg.prompt_encoder.embed_dim,
-            embedding_size=model.cfg.image_encoder.embedding_size,
-            low_res_size=model.low_res_size,
-            num_masks=model.mask_decoder.num_multimask_outputs,
-        )
-
-    def shapes(self, graph: str, k: int = 1, n: int = 1) -> dict[str, Shape]:
-        """Every I/O tensor's shape for K prompts with N clicks each."""
-        s, c, e, l, m = self.img_size, self.embed_dim, self.embedding_size, self.low_res_size, self.num_masks
-        if graph == "encoder":
-            return {"image": (1, 3, s, s), "embedding": (1, c, e, e)}
-        out = {
-            "embedding": (1, c, e, e),
-            "tokens": (k, c),
-            "low_res_logits": (k, m, l, l),
-            "iou": (k, m),
-        }
-        if graph == "decoder_points":
-            out["point_coords"] = (k, n, 2)
-            out["point_labels"] = (k, n)
-        elif graph != "decoder":
-            raise ValueError(f"unknown graph {graph!r}; choose from {GRAPHS}")
-        return out
 
 
 @dataclass(frozen=True)
