@@ -34,8 +34,6 @@ from fluorosam_rt.sources.dicom_scp import DicomStorageSource
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_node import (
-    bundle,  # noqa: F401  (fixture)
-    checkpoint,  # noqa: F401  (fixture)
     running_node,
     wait_for,
 )
@@ -180,7 +178,7 @@ def _one_frame_replay(tmp_path: Path) -> dict:
     return {"kind": "replay", "path": str(d), "fps": 10, "loop": False}
 
 
-def test_bad_images_are_dropped_and_odd_ones_are_segmented(tmp_path, bundle):  # noqa: F811
+def test_bad_images_are_dropped_and_odd_ones_are_segmented(tmp_path, bundle):
     rng = np.random.default_rng(3)
     full16 = rng.integers(0, 65536, (40, 48), dtype=np.uint16)
     full16[0, 0], full16[0, 1] = 0, 65535
@@ -270,7 +268,7 @@ CONTROL_ABUSE = {
 }
 
 
-def test_control_abuse_gets_error_replies_and_changes_nothing(tmp_path, bundle):  # noqa: F811
+def test_control_abuse_gets_error_replies_and_changes_nothing(tmp_path, bundle):
     source = _one_frame_replay(tmp_path)
     ctl = f"ipc://{tmp_path}/control"
     with running_node(tmp_path, bundle, source, prompts=("lungs", "heart")) as (app, _sub):

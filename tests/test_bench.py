@@ -26,7 +26,6 @@ from fluorosam_rt.flow import MISSING, STAGES
 from fluorosam_rt.predictor import Predictor
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_node import bundle, checkpoint  # noqa: F401  (fixtures)
 
 CELL_KEYS = (
     "engine",
@@ -97,7 +96,7 @@ def test_join_uses_receive_time_when_the_source_stamp_is_missing_and_survives_no
     assert "p50_ms" not in empty
 
 
-def test_naive_baseline_computes_the_same_masks_as_the_node_path(bundle):  # noqa: F811
+def test_naive_baseline_computes_the_same_masks_as_the_node_path(bundle):
     """The speed-up is only meaningful if the baseline does the same work with the same result."""
     rng = np.random.default_rng(3)
     pixels = (rng.random((150, 200)) * 4000).astype(np.uint16)
@@ -119,7 +118,7 @@ def test_worker_thread_helper_returns_and_raises():
         on_worker_thread(lambda: 1 / 0)
 
 
-def test_flops_grow_with_prompts_and_count_a_known_matmul(bundle):  # noqa: F811
+def test_flops_grow_with_prompts_and_count_a_known_matmul(bundle):
     f = model_flops(bundle.model, [1, 3, 10])
     assert f[1]["encode_gflops"] == f[10]["encode_gflops"] > 0
     assert 0 < f[1]["decode_gflops"] < f[3]["decode_gflops"] < f[10]["decode_gflops"]
@@ -173,7 +172,7 @@ def _is_png(p: Path) -> bool:
     return p.is_file() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 2000
 
 
-def test_tiny_real_bench_writes_the_contract_plots_and_report(tmp_path, checkpoint):  # noqa: F811
+def test_tiny_real_bench_writes_the_contract_plots_and_report(tmp_path, checkpoint):
     out, md = tmp_path / "bench", tmp_path / "docs" / "benchmarks.md"
     md.parent.mkdir()
     md.write_text("old\n<!-- notes: kept when the report is regenerated -->\nmy analysis\n<!-- /notes -->\n")
@@ -215,7 +214,7 @@ def test_tiny_real_bench_writes_the_contract_plots_and_report(tmp_path, checkpoi
     assert _is_png(again / "stages.png")
 
 
-def test_soak_mode_samples_rss_and_latency_over_time(tmp_path, checkpoint):  # noqa: F811
+def test_soak_mode_samples_rss_and_latency_over_time(tmp_path, checkpoint):
     opts = BenchOptions(
         out_dir=tmp_path,
         warmup_s=1.0,

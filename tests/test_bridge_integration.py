@@ -21,7 +21,7 @@ from bridge import Subscriber, SubscriberTimeout
 from bridge.geometry import ijk_to_ras
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_node import bundle, checkpoint, running_node, wait_for  # noqa: F401
+from test_node import running_node, wait_for
 from test_sources import multiframe_xa, storescu
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def _drain(sub: Subscriber, idle: float = 1.0) -> list:
 # --------------------------------------------------------------------------- OpenIGTLink
 
 
-def test_node_to_igtl_relay_to_pyigtl_client(tmp_path, bundle):  # noqa: F811
+def test_node_to_igtl_relay_to_pyigtl_client(tmp_path, bundle):
     pyigtl = pytest.importorskip("pyigtl")
     from bridge.igtl_relay import IgtlRelay, device_name
 
@@ -100,7 +100,7 @@ def test_node_to_igtl_relay_to_pyigtl_client(tmp_path, bundle):  # noqa: F811
 # --------------------------------------------------------------------------- DICOM SEG
 
 
-def test_storescu_to_node_to_dicom_seg(tmp_path, bundle, shared_dir):  # noqa: F811
+def test_storescu_to_node_to_dicom_seg(tmp_path, bundle, shared_dir):
     hd = pytest.importorskip("highdicom")
     from bridge.seg_archive import SegArchive, full_resolution, run_archive
 
@@ -198,7 +198,7 @@ def _build_c_subscriber(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("encoding", ["bits", "u8"])
-def test_c_subscriber_prints_what_python_sees(tmp_path, bundle, encoding):  # noqa: F811
+def test_c_subscriber_prints_what_python_sees(tmp_path, bundle, encoding):
     exe = _build_c_subscriber(tmp_path)
     import cv2
 
@@ -268,7 +268,7 @@ def test_c_subscriber_rejects_another_protocol_version(tmp_path):
 # --------------------------------------------------------------------------- recorder -> replay
 
 
-def test_record_then_replay_feeds_the_node_the_same_frames(tmp_path, bundle):  # noqa: F811
+def test_record_then_replay_feeds_the_node_the_same_frames(tmp_path, bundle):
     import cv2
 
     from bridge.recorder import Recorder, read_recording_masks

@@ -5,17 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import cv2
 import pytest
 import torch
 
 from fluorosam_rt.bundle import ASSETS_DIR
-from fluorosam_rt.checkpoint import save_native
-from fluorosam_rt.model.build import build_model
-from fluorosam_rt.model.config import small_realtime
-from fluorosam_rt.text.minilm import MiniLMTextEncoder
 
 SAMPLE = ASSETS_DIR / "samples" / "chest_pa_2c35005f.png"
 
@@ -26,18 +21,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.fixture(scope="module")
-def native_checkpoint(tmp_path_factory) -> Path:
-    """A small model with random weights in the native format, built the way training saves one."""
-    torch.manual_seed(0)
-    model = build_model(small_realtime(128))
-    enc = MiniLMTextEncoder()
-    path = tmp_path_factory.mktemp("ckpt") / "small.safetensors"
-    save_native(model, path, {"kind": "minilm", "identity": enc.identity()}, {"presence_threshold": -1e9})
-    return path
-
-
-def test_segment_writes_masks_and_overlay(native_checkpoint, tmp_path):
+def test_segment_writes_masks_and_overlay(checkpoint, tmp_path):
     out = tmp_path / "out"
     proc = run_cli(
         "segment",
@@ -49,7 +33,7 @@ def test_segment_writes_masks_and_overlay(native_checkpoint, tmp_path):
         "--point",
         "0:200,250",
         "--checkpoint",
-        str(native_checkpoint),
+        str(checkpoint),
         "--out",
         str(out),
     )
@@ -96,8 +80,8 @@ def test_segment_official_checkpoint_on_dicom(golden_dir, shared_dir, tmp_path):
         ([str(SAMPLE), "--prompt", "lungs", "--point", "1:3,4"], "there are 1 prompts"),
     ],
 )
-def test_segment_input_errors_are_clear(native_checkpoint, tmp_path, args, message):
-    proc = run_cli("segment", *args, "--checkpoint", str(native_checkpoint), "--out", str(tmp_path))
+def test_segment_input_errors_are_clear(checkpoint, tmp_path, args, message):
+    proc = run_cli("segment", *args, "--checkpoint", str(checkpoint), "--out", str(tmp_path))
     assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr

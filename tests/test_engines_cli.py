@@ -12,24 +12,10 @@ import pytest
 import torch
 
 from fluorosam_rt.bundle import ASSETS_DIR
-from fluorosam_rt.checkpoint import save_native
 from fluorosam_rt.cli import main
-from fluorosam_rt.model.build import build_model
-from fluorosam_rt.model.config import small_realtime
-from fluorosam_rt.text.minilm import MiniLMTextEncoder
 
 SAMPLE = ASSETS_DIR / "samples" / "chest_pa_2c35005f.png"
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)  # same weights as test_engines_onnx.py: the shared cache is reused
-    model = build_model(small_realtime(128))
-    enc = MiniLMTextEncoder()
-    path = tmp_path_factory.mktemp("ckpt") / "small.safetensors"
-    save_native(model, path, {"kind": "minilm", "identity": enc.identity()}, {"presence_threshold": -1e9})
-    return path
 
 
 @pytest.fixture

@@ -35,8 +35,6 @@ from fluorosam_rt.sources.video import VideoSource
 sys.path.insert(0, str(Path(__file__).parent))
 from test_node import (
     assert_accounting,
-    bundle,  # noqa: F401  (fixture)
-    checkpoint,  # noqa: F401  (fixture)
     running_node,
     wait_for,
 )
@@ -82,7 +80,7 @@ sys.stdin.read()  # blocks until the test kills us with SIGKILL
 """
 
 
-def test_dead_slow_and_reconnecting_subscribers_do_not_hurt_the_others(tmp_path, bundle):  # noqa: F811
+def test_dead_slow_and_reconnecting_subscribers_do_not_hurt_the_others(tmp_path, bundle):
     source = {"kind": "replay", "path": str(_frames_dir(tmp_path)), "fps": 8, "loop": True}
     endpoint = f"ipc://{tmp_path}/masks"
     with running_node(tmp_path, bundle, source, prompts=("lungs", "heart")) as (app, fast):
@@ -161,7 +159,7 @@ def test_dead_slow_and_reconnecting_subscribers_do_not_hurt_the_others(tmp_path,
 # --------------------------------------------------------------------------- sources
 
 
-def test_video_device_disappears_and_returns(tmp_path, bundle):  # noqa: F811
+def test_video_device_disappears_and_returns(tmp_path, bundle):
     """A grabber that vanishes: status says 'reconnecting' with a growing count, then frames resume."""
     clip = tmp_path / "grabber.avi"
     write_video(clip, n=6, fps=30)
@@ -268,7 +266,7 @@ def test_corrupt_replay_file_is_a_clear_error(tmp_path, name, content):
     assert name in str(info.value) or "cannot" in str(info.value)
 
 
-def test_corrupt_replay_file_through_the_cli_exits_2_with_a_message(tmp_path, checkpoint):  # noqa: F811
+def test_corrupt_replay_file_through_the_cli_exits_2_with_a_message(tmp_path, checkpoint):
     bad = tmp_path / "bad.dcm"
     bad.write_bytes(b"DICM" * 10)
     argv = ["serve", "--source", f"replay:{bad}", "--publish", f"ipc://{tmp_path}/p", "--control", "none"]
@@ -309,7 +307,7 @@ class BrokenEngine:
 
 
 @pytest.mark.parametrize("mode", ["raise", "nan", "inf"])
-def test_repeated_engine_failures_fall_back_to_the_next_engine(tmp_path, bundle, mode):  # noqa: F811
+def test_repeated_engine_failures_fall_back_to_the_next_engine(tmp_path, bundle, mode):
     settings = load_settings(
         None,
         {
@@ -347,7 +345,7 @@ def test_repeated_engine_failures_fall_back_to_the_next_engine(tmp_path, bundle,
     assert final["published"] >= 1
 
 
-def test_failures_that_are_not_in_a_row_do_not_switch(tmp_path, bundle):  # noqa: F811
+def test_failures_that_are_not_in_a_row_do_not_switch(tmp_path, bundle):
     """Alternating failure/success resets the count: one glitch a second must not swap engines."""
 
     class EveryOther(BrokenEngine):
@@ -371,7 +369,7 @@ def test_failures_that_are_not_in_a_row_do_not_switch(tmp_path, bundle):  # noqa
 # --------------------------------------------------------------------------- signals
 
 
-def _serve(tmp_path: Path, checkpoint: Path, prelude: str = "") -> subprocess.Popen:  # noqa: F811
+def _serve(tmp_path: Path, checkpoint: Path, prelude: str = "") -> subprocess.Popen:
     """``fluorosam-rt serve`` on a looping replay, in a subprocess; prelude runs before main()."""
     cfg = tmp_path / "loop.yaml"
     cfg.write_text(f"source: {{kind: replay, path: '{_frames_dir(tmp_path)}', fps: 10, loop: true}}\n")
@@ -403,7 +401,7 @@ def _serve(tmp_path: Path, checkpoint: Path, prelude: str = "") -> subprocess.Po
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_signal_stops_serve_cleanly(tmp_path, checkpoint, sig):  # noqa: F811
+def test_signal_stops_serve_cleanly(tmp_path, checkpoint, sig):
     proc = _serve(tmp_path, checkpoint)
     sub = None
     try:
@@ -438,7 +436,7 @@ def test_signal_stops_serve_cleanly(tmp_path, checkpoint, sig):  # noqa: F811
             s.close(linger=0)
 
 
-def test_second_signal_forces_exit(tmp_path, checkpoint):  # noqa: F811
+def test_second_signal_forces_exit(tmp_path, checkpoint):
     """A stop that hangs (a stuck device driver, say) is cut short by a second signal."""
     prelude = (
         "import fluorosam_rt.node as _n\n"

@@ -27,7 +27,7 @@ from fluorosam_rt.flow import (
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_node import bundle, checkpoint, running_node  # noqa: F401  (fixtures)
+from test_node import running_node
 
 
 def stamps(base: int, steps: list[int]) -> dict[str, int]:
@@ -175,7 +175,7 @@ def test_flow_command_is_validated():
             parse_request(bad)
 
 
-def test_live_node_flow_rows_match_what_the_subscriber_received(tmp_path, bundle):  # noqa: F811
+def test_live_node_flow_rows_match_what_the_subscriber_received(tmp_path, bundle):
     """On a real node: rows come out on the control socket, on the clock the subscriber shares."""
     for i in range(4):
         img = np.random.default_rng(i).integers(0, 4000, (96, 128), np.uint16)
@@ -212,7 +212,7 @@ def test_live_node_flow_rows_match_what_the_subscriber_received(tmp_path, bundle
     assert summary["p99_ms"] == pytest.approx(np.percentile(e2e, 99), rel=1e-9)
 
 
-def test_serve_exposes_prometheus_metrics_of_the_live_node(tmp_path, checkpoint):  # noqa: F811
+def test_serve_exposes_prometheus_metrics_of_the_live_node(tmp_path, checkpoint):
     """`fluorosam-rt serve --metrics HOST:0` in its own process: scrape it while frames flow."""
     import json
     import os

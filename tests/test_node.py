@@ -19,38 +19,17 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from bridge import Subscriber, SubscriberTimeout
-from fluorosam_rt.bundle import load_bundle
-from fluorosam_rt.checkpoint import save_native
 from fluorosam_rt.control import send_command
 from fluorosam_rt.imageio import read_dicom_frames
-from fluorosam_rt.model.build import build_model
-from fluorosam_rt.model.config import small_realtime
 from fluorosam_rt.node_config import NodeConfigError, load_settings, parse_source_spec
 from fluorosam_rt.predictor import Predictor
 from fluorosam_rt.serve import build_app
-from fluorosam_rt.text.minilm import MiniLMTextEncoder
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
 from test_sources import multiframe_xa, storescu, write_video  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = build_model(small_realtime(128))
-    enc = MiniLMTextEncoder()
-    path = tmp_path_factory.mktemp("ckpt") / "small.safetensors"
-    save_native(model, path, {"kind": "minilm", "identity": enc.identity()}, {"presence_threshold": -1e9})
-    return path
-
-
-@pytest.fixture(scope="module")
-def bundle(checkpoint):
-    return load_bundle(checkpoint)
 
 
 @pytest.fixture(scope="module")

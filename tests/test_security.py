@@ -23,7 +23,7 @@ from fluorosam_rt.serve import build_app
 from fluorosam_rt.sources.dicom_scp import DicomStorageSource
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_node import assert_accounting, bundle, checkpoint, running_node, wait_for  # noqa: F401
+from test_node import assert_accounting, running_node, wait_for
 from test_sources import XA, Collector, _pynetdicom_store, multiframe_xa
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,7 +58,7 @@ def _req(endpoint: str, payload: dict, client=None, server_public: bytes | None 
         s.close(linger=0)
 
 
-def test_curve_admits_allowed_clients_and_no_one_else(tmp_path, bundle, capsys):  # noqa: F811
+def test_curve_admits_allowed_clients_and_no_one_else(tmp_path, bundle, capsys):
     keys, allowed = tmp_path / "keys", tmp_path / "allowed"
     for name in ("node", "carm_viewer", "intruder"):
         assert cli_main(["keys", "generate", "--dir", str(keys), "--name", name]) == 0
@@ -242,7 +242,7 @@ def test_the_lint_catches_what_it_should(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- logs
 
 
-def test_logs_carry_no_patient_identifiers(tmp_path, bundle, caplog):  # noqa: F811
+def test_logs_carry_no_patient_identifiers(tmp_path, bundle, caplog):
     caplog.set_level(logging.DEBUG)
     source = {"kind": "dicom", "host": "127.0.0.1", "port": 0, "ae_title": "FSAMTEST"}
     ds = multiframe_xa(tmp_path / "a.dcm", n_frames=2)
