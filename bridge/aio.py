@@ -14,7 +14,7 @@ import zmq
 import zmq.asyncio
 
 from .protocol import MaskMessage, decode_message
-from .subscriber import GapTracker, SubscriberTimeout
+from .subscriber import GapTracker, SubscriberTimeout, check_on_gap, open_sub_socket
 
 
 class AsyncSubscriber:
@@ -28,17 +28,10 @@ class AsyncSubscriber:
         context: zmq.asyncio.Context | None = None,
         on_gap: str = "count",
     ) -> None:
-        if on_gap not in ("count", "raise"):
-            raise ValueError(f"on_gap must be 'count' or 'raise', got {on_gap!r}")
-        self.on_gap = on_gap
+        self.on_gap = check_on_gap(on_gap)
         self.gaps = GapTracker()
         self._ctx = context or zmq.asyncio.Context.instance()
-        self._sock = self._ctx.socket(zmq.SUB)
-        self._sock.setsockopt(zmq.RCVHWM, rcvhwm)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
-        for ep in [connect] if isinstance(connect, str) else connect:
-            self._sock.connect(ep)
+        self._sock = open_sub_socket(self._ctx, connect, topic, rcvhwm)
 
     async def receive(self, timeout: float | None = None, newest: bool = True) -> MaskMessage:
         """The newest message (or the next, newest=False); raises SubscriberTimeout on timeout."""

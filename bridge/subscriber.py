@@ -69,6 +69,30 @@ class GapTracker:
         )
 
 
+def check_on_gap(on_gap: str) -> str:
+    if on_gap not in ("count", "raise"):
+        raise ValueError(f"on_gap must be 'count' or 'raise', got {on_gap!r}")
+    return on_gap
+
+
+def open_sub_socket(
+    ctx: zmq.Context, connect: str | list[str], topic: str, rcvhwm: int, rcvbuf: int = 0
+) -> zmq.Socket:
+    """A SUB socket that keeps at most rcvhwm messages queued and never lingers on close.
+
+    Shared by the blocking and asyncio subscribers (an asyncio context makes an asyncio socket).
+    """
+    sock = ctx.socket(zmq.SUB)
+    sock.setsockopt(zmq.RCVHWM, rcvhwm)
+    if rcvbuf:  # bytes the kernel may buffer: bounds how stale a slow reader's frames can be
+        sock.setsockopt(zmq.RCVBUF, rcvbuf)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
+    for ep in [connect] if isinstance(connect, str) else connect:
+        sock.connect(ep)
+    return sock
+
+
 class Subscriber:
     def __init__(
         self,
@@ -79,19 +103,10 @@ class Subscriber:
         context: zmq.Context | None = None,
         on_gap: str = "count",
     ) -> None:
-        if on_gap not in ("count", "raise"):
-            raise ValueError(f"on_gap must be 'count' or 'raise', got {on_gap!r}")
-        self.on_gap = on_gap
+        self.on_gap = check_on_gap(on_gap)
         self.gaps = GapTracker()
         self._ctx = context or zmq.Context.instance()
-        self._sock = self._ctx.socket(zmq.SUB)
-        self._sock.setsockopt(zmq.RCVHWM, rcvhwm)
-        if rcvbuf:  # bytes the kernel may buffer: bounds how stale a slow reader's frames can be
-            self._sock.setsockopt(zmq.RCVBUF, rcvbuf)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
-        for ep in [connect] if isinstance(connect, str) else connect:
-            self._sock.connect(ep)
+        self._sock = open_sub_socket(self._ctx, connect, topic, rcvhwm, rcvbuf)
 
     # Counters live in the shared GapTracker; these keep the original attribute names.
     received = property(lambda self: self.gaps.received)
