@@ -51,7 +51,7 @@ MATERIAL_INDEX: dict[str, int] = {n: i for i, n in enumerate(MATERIAL_NAMES)}
 ANATOMY_MATERIALS = ("air", "soft_tissue", "bone")
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=1024)  # 7 kVp x 4 filters x 7 materials, with room
 def _mass_attenuation_cached(name: str, energies_kev: tuple[float, ...]) -> np.ndarray:
     import xraydb  # lazy: only the physics stage needs it
 

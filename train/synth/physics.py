@@ -8,6 +8,7 @@ the line integrals is a few (E x M) einsums and 2D convolutions, so it costs mil
 
 from __future__ import annotations
 
+import copy
 import itertools
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -20,20 +21,29 @@ import torch.nn.functional as F
 from train.synth.materials import attenuation_table
 
 
-@lru_cache(maxsize=32)
+@lru_cache(maxsize=16)
+def _tube_spectrum(kvp: int, al_mm: float) -> Any:
+    """The unfiltered-by-copper spekpy model of one tube voltage: the expensive part (about a second)."""
+    import spekpy  # lazy: heavy import
+
+    s = spekpy.Spek(kvp=float(kvp), th=12.0)
+    s.filter("Al", al_mm)
+    return s
+
+
+@lru_cache(maxsize=64)
 def binned_spectrum(
     kvp: int, n_bins: int = 10, al_mm: float = 2.5, cu_mm: float = 0.0
 ) -> tuple[np.ndarray, ...]:
     """(energies keV, weights) of a tungsten-anode spectrum in ``n_bins`` energy bins.
 
     Weights are fluence × energy (energy-integrating detector), normalised to sum to 1; each bin's energy is
-    its fluence-weighted mean. Cached: spekpy takes a while to import, a spectrum is then cheap.
+    its fluence-weighted mean. Building spekpy's model costs about a second per tube voltage, so it is built
+    once per kVp and the copper filter is applied to a copy (milliseconds; identical to filtering in place).
     """
-    import spekpy  # lazy: heavy import
-
-    s = spekpy.Spek(kvp=float(kvp), th=12.0)
-    s.filter("Al", al_mm)
+    s = _tube_spectrum(int(kvp), float(al_mm))
     if cu_mm > 0:
+        s = copy.deepcopy(s)
         s.filter("Cu", cu_mm)
     k, phi = s.get_spectrum()
     edges = np.linspace(max(10.0, float(k.min())), float(kvp), n_bins + 1)

@@ -140,8 +140,13 @@ class Projector:
             bits = torch.zeros(lstack.data.shape[1], h * w, dtype=torch.int32, device=dev)
             for samples, _ in lstack.march(src, dirs, "nearest", self.chunk):
                 s = samples.to(torch.int32)
-                for k in range(s.shape[0]):
-                    bits |= s[k]
+                while s.shape[0] > 1:  # pairwise OR tree: log2(chunk) tensor ops instead of one per slice
+                    half = s.shape[0] // 2
+                    rest = s[2 * half :]
+                    s = s[:half] | s[half : 2 * half]
+                    if rest.shape[0]:
+                        s = torch.cat([s, rest])
+                bits |= s[0]
             shifts = torch.arange(BITS_PER_CHANNEL, dtype=torch.int32, device=dev)
             unpacked = (bits[:, None, :] >> shifts[None, :, None]) & 1  # (C, 24, R)
             hits = unpacked.reshape(-1, h * w)[:n_lab].bool()

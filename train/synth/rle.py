@@ -81,7 +81,9 @@ def area(rle: dict[str, Any]) -> int:
 
 def bbox(mask: np.ndarray) -> list[float]:
     """COCO [x, y, w, h] of a mask (pixels)."""
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
+    m = np.asarray(mask, dtype=bool)
+    rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))  # two projections, not a full nonzero
+    if len(cols) == 0:
         return [0.0, 0.0, 0.0, 0.0]
-    return [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]
+    x0, y0 = int(cols[0]), int(rows[0])
+    return [float(x0), float(y0), float(cols[-1] - x0 + 1), float(rows[-1] - y0 + 1)]
