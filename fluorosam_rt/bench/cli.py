@@ -1,8 +1,9 @@
 """``fluorosam-rt bench``: flags, presets and the entry point.
 
 ``--quick`` is the preset a fresh clone can run in a few minutes; the full sweep is the default;
-``--soak MINUTES`` runs only the long 15 fps / 3 prompt run; ``--render JSON`` rebuilds the
-plots and the markdown from an earlier run without measuring.
+``--soak MINUTES`` runs only the long 15 fps / 3 prompt run; ``--faults`` runs only the
+subscriber-fault comparison (baseline and fault phases alternating, faults.py); ``--render JSON``
+rebuilds the plots and the markdown from an earlier run without measuring.
 """
 
 from __future__ import annotations
@@ -50,6 +51,12 @@ def options_from_args(args: argparse.Namespace, argv: list[str] | None = None) -
         soak_minutes=args.soak,
         soak_interval_s=args.soak_interval,
         soak_engine=args.soak_engine,
+        faults=args.faults,
+        faults_phase_s=args.faults_phase_s,
+        faults_rounds=args.faults_rounds,
+        faults_settle_s=args.faults_settle_s,
+        faults_engine=args.faults_engine,
+        faults_transport=args.faults_transport,
         report=Path(args.report) if args.report else None,
         keep_workdir=args.keep_workdir,
         argv=["fluorosam-rt", "bench", *(argv or sys.argv[2:])],
@@ -71,6 +78,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from ..node_config import NodeConfigError
 
         raise NodeConfigError("--prompts must be >= 1 and --rates >= 0 (0: unthrottled)")
+    if opts.faults and (opts.soak_minutes or opts.faults_rounds < 1 or opts.faults_phase_s <= 0):
+        from ..node_config import NodeConfigError
+
+        raise NodeConfigError("--faults needs --faults-rounds >= 1 and --faults-phase-s > 0, and no --soak")
     result = run_bench(opts)
     report.print_table(result)
     print(f"wrote {opts.out_dir}" + (f" and {opts.report}" if opts.report else ""))
@@ -101,6 +112,20 @@ def add_bench_parser(sub: Any) -> None:
     b.add_argument("--soak", type=float, metavar="MINUTES", help="only a soak run: 15 fps, 3 prompts")
     b.add_argument("--soak-interval", type=float, default=10.0, help="soak sampling period, s")
     b.add_argument("--soak-engine", help="engine for the soak (default: onnxruntime, else torch)")
+    b.add_argument(
+        "--faults",
+        action="store_true",
+        help="only the subscriber-fault run: 15 fps, 3 prompts, baseline and fault phases alternating",
+    )
+    b.add_argument("--faults-phase-s", type=float, default=25.0, help="seconds measured per phase")
+    b.add_argument(
+        "--faults-rounds", type=int, default=4, help="rounds of one baseline + one fault phase (ABBA order)"
+    )
+    b.add_argument(
+        "--faults-settle-s", type=float, default=3.0, help="seconds after starting a phase's processes"
+    )
+    b.add_argument("--faults-engine", help="engine for the fault run (default: onnxruntime, else torch)")
+    b.add_argument("--faults-transport", choices=["tcp", "ipc"], default="tcp", help="mask stream endpoint")
     b.add_argument("--render", metavar="JSON", help="re-render plots/report from an earlier bench.json")
     b.add_argument("--keep-workdir", action="store_true", help="keep node/subscriber logs and configs")
     b.set_defaults(func=cmd_bench)

@@ -44,3 +44,16 @@ def load_average() -> list[float]:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return []
+
+
+def open_fds(pid: int) -> int:
+    """File descriptors the process holds now (sockets, pipes, files)."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def thread_count(pid: int) -> int:
+    """Threads of the process now (Python's, libzmq's I/O threads, the engines' pools)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    return 0

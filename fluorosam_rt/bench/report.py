@@ -181,6 +181,108 @@ def print_table(result: dict[str, Any]) -> None:
     if "soak" in result:
         s = result["soak"]["summary"]
         console.print(f"soak: {json.dumps(s)}")
+    if "faults" in result:
+        fa = result["faults"]
+        t = Table(
+            title=f"fluorosam-rt bench --faults: fast subscriber's end-to-end ms, {fa['engine']}, "
+            f"{fa['fps']:g} fps, {fa['prompts']} prompts, {fa['transport']}, order {fa['order']}"
+        )
+        for col in FAULT_COLUMNS:
+            t.add_column(col, justify="left" if col == "kind" else "right")
+        for row in fault_rows(fa):
+            t.add_row(*row)
+        console.print(t)
+        for line in fault_lines(fa):
+            console.print(line)
+
+
+FAULT_COLUMNS = (
+    "#",
+    "round",
+    "kind",
+    "p50",
+    "p95",
+    "p99",
+    "max",
+    "pub",
+    "recv",
+    "missed",
+    "seq gaps",
+    "pub_wait p99",
+    "CPU node %",
+    "CPU faults %",
+    "RSS MiB",
+    "FDs",
+    "threads",
+)
+
+
+def fault_rows(fa: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for p in fa["phases"]:
+        n = p["node_at_window_end"]
+        rows.append(
+            [
+                str(p["phase"] + 1),
+                str(p["round"] + 1),
+                p["kind"],
+                _f(p.get("p50_ms")),
+                _f(p.get("p95_ms")),
+                _f(p.get("p99_ms")),
+                _f(p.get("max_ms")),
+                str(p.get("published_in_window", p["published"])),
+                str(p["received_by_fast_subscriber"]),
+                str(p["not_received_by_fast_subscriber"]),
+                str(p["seq_gaps"]),
+                _f(p.get("publish_wait_p99_ms"), 2),
+                _f(p["cpu_pct_node"], 0),
+                _f(p["cpu_pct_fault_subscribers"], 0),
+                _f(n["rss_mb"], 0),
+                str(n["fds"]),
+                str(n["threads"]),
+            ]
+        )
+    return rows
+
+
+def fault_lines(fa: dict[str, Any]) -> list[str]:
+    """The verdict: pooled latency per condition, ratios against the goal, leaks."""
+    sm = fa["summary"]
+    goal = sm["target_ratio"]
+    b, f = sm["baseline"], sm["faults"]
+    lines = []
+    for name, c in (("baseline", b), ("faults", f)):
+        lines.append(
+            f"{name:<8} ({c['phases']} phases): p50 {_f(c.get('p50_ms'))} ms, p95 {_f(c.get('p95_ms'))} ms, "
+            f"p99 {_f(c.get('p99_ms'))} ms over {c['received_by_fast_subscriber']} frames; "
+            f"missed {c['not_received_by_fast_subscriber']}, seq gaps {c['seq_gaps']}; "
+            f"node CPU {_f(c['cpu_pct_node'], 0)} %, "
+            f"fault subscribers' CPU {_f(c['cpu_pct_fault_subscribers'], 0)} %"
+        )
+    for q in ("p50", "p99"):
+        r = sm.get(f"ratio_{q}")
+        rng = sm.get(f"ratio_{q}_per_round_range")
+        lines.append(
+            f"faults / baseline {q}: {_f(r, 3)} (goal <= {goal:.2f}: "
+            f"{'met' if sm.get(f'ratio_{q}_met') else 'MISSED'})"
+            + (f"; per round min {rng[0]:.3f}, median {rng[1]:.3f}, max {rng[2]:.3f}" if rng else "")
+        )
+    lk, nb, na = sm["leaks"], fa["node_before"], fa["node_after"]
+    lines.append(
+        f"node before -> after the phases: RSS {nb['rss_mb']:.1f} -> {na['rss_mb']:.1f} MiB "
+        f"({lk['rss_delta_mb']:+.1f}), FDs {nb['fds']} -> {na['fds']} "
+        f"({'back' if lk['fds_back'] else 'NOT back'}), threads {nb['threads']} -> {na['threads']} "
+        f"({'back' if lk['threads_back'] else 'NOT back'})"
+    )
+    fin = fa["final"]
+    if fin.get("event") == "stopped":
+        dropped = sum(fin["dropped"].values())
+        ok = fin["received"] == fin["published"] + dropped
+        lines.append(
+            f"node accounting: received {fin['received']} = published {fin['published']} + dropped "
+            f"{dropped} {fin['dropped']}: {'holds' if ok else 'BROKEN'}"
+        )
+    return lines
 
 
 # --------------------------------------------------------------------------- plots
@@ -293,6 +395,45 @@ def plot_soak(soak: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_faults(fa: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"baseline": "tab:blue", "faults": "tab:red"}
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for kind in ("baseline", "faults"):
+        x = np.sort(
+            np.concatenate(
+                [np.asarray(p["samples_ms"], np.float64) for p in fa["phases"] if p["kind"] == kind]
+                or [np.zeros(0)]
+            )
+        )
+        if x.size:
+            a1.step(x, np.arange(1, x.size + 1) / x.size, where="post", color=colors[kind], label=kind)
+    a1.set_xlabel("end-to-end ms at the fast subscriber")
+    a1.set_ylabel("fraction of frames")
+    a1.set_title("all phases of each kind pooled")
+    a1.grid(True, alpha=0.3)
+    a1.legend()
+    for p in fa["phases"]:
+        for q, marker in (("p50_ms", "o"), ("p99_ms", "^")):
+            if q in p:
+                a2.plot(p["phase"] + 1, p[q], marker, color=colors[p["kind"]])
+    a2.plot([], [], "ko", label="p50")
+    a2.plot([], [], "k^", label="p99")
+    a2.set_xlabel("phase, in run order (blue: baseline, red: faults)")
+    a2.set_ylabel("ms")
+    a2.set_title("per phase")
+    a2.grid(True, alpha=0.3)
+    a2.legend()
+    fig.suptitle(f"subscriber faults: {fa['engine']}, {fa['fps']:g} fps, {fa['prompts']} prompts")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # --------------------------------------------------------------------------- markdown
 
 
@@ -302,18 +443,28 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
+def json_name(result: dict[str, Any]) -> str:
+    """bench.json for a sweep; soak.json or faults.json for a run of only that mode."""
+    if not result.get("cells"):
+        for mode in ("soak", "faults"):
+            if mode in result:
+                return f"{mode}.json"
+    return "bench.json"
+
+
 def markdown(result: dict[str, Any], image_prefix: str, notes: str = "") -> str:
     m, cfg = result["machine"], result["config"]
     lines = [
         "# Benchmarks",
         "",
         "Generated by `fluorosam-rt bench` from one run; every number below comes from "
-        f"[`{image_prefix}bench.json`]({image_prefix}bench.json). Regenerate with",
+        f"[`{image_prefix}{json_name(result)}`]({image_prefix}{json_name(result)}). Regenerate with",
         "",
         "```bash",
         ".venv/bin/fluorosam-rt bench --quick --out docs/bench --report docs/benchmarks.md   # a few minutes",
         ".venv/bin/fluorosam-rt bench --out docs/bench --report docs/benchmarks.md           # full sweep",
         ".venv/bin/fluorosam-rt bench --soak 10 --out docs/bench-soak --report docs/benchmarks-soak.md",
+        ".venv/bin/fluorosam-rt bench --faults --out docs/bench-faults --report docs/benchmarks-faults.md",
         "```",
         "",
         "Absolute times belong to this machine under this load; they are not universal. Ratios "
@@ -328,8 +479,15 @@ def markdown(result: dict[str, Any], image_prefix: str, notes: str = "") -> str:
         f"- model: {cfg['model']}, weights: {cfg['weights']}",
         f"- frames: {cfg['frames']}; masks published at 1/{cfg['downsample']} size, "
         f"encoding {cfg['mask_encoding']}",
-        f"- per cell: {cfg['warmup_s']:g} s warm-up, {cfg['measure_s']:g} s measured"
-        + (" (`--quick`)" if cfg["quick"] else ""),
+        (
+            f"- phases: {result['faults']['phase_s']:g} s measured each after "
+            f"{result['faults']['settle_s']:g} s to settle, {result['faults']['rounds']} rounds "
+            f"in the order {result['faults']['order']} "
+            f"(A baseline, B faults), {cfg['warmup_s']:g} s warm-up"
+            if "faults" in result and not result.get("cells")
+            else f"- per cell: {cfg['warmup_s']:g} s warm-up, {cfg['measure_s']:g} s measured"
+            + (" (`--quick`)" if cfg["quick"] else "")
+        ),
         f"- command: `{' '.join(result.get('command') or [])}`; wall time {result.get('elapsed_s', 0):.0f} s",
         f"- code: commit `{(result.get('code') or {}).get('commit')}`"
         + (" with local changes" if (result.get("code") or {}).get("dirty") else ""),
@@ -489,8 +647,40 @@ def markdown(result: dict[str, Any], image_prefix: str, notes: str = "") -> str:
             f"![soak]({image_prefix}soak.png)",
             "",
         ]
+    if "faults" in result:
+        lines += faults_markdown(result["faults"], image_prefix)
     lines += [NOTES_BEGIN, notes.strip() or "(no notes yet)", NOTES_END, ""]
     return "\n".join(lines)
+
+
+def faults_markdown(fa: dict[str, Any], image_prefix: str) -> list[str]:
+    sm = fa["summary"]
+    return [
+        "## Subscriber faults",
+        "",
+        f"One node ({fa['engine']}, {fa['fps']:g} fps replay, {fa['prompts']} prompts, mask stream over "
+        f"{fa['transport']}) and one fast subscriber process for the whole run. Phases alternate: "
+        "**baseline** (only the fast subscriber) and **faults** (the same fast subscriber plus three "
+        "processes: one reading one frame a second without draining its queue, one reconnecting in a "
+        "loop, and one reading normally that is SIGKILLed halfway through the window). Rounds run "
+        "AB, BA, AB, ... so a linear drift in the machine's load weighs on both conditions alike. "
+        "Latency is end to end (frame handed to the node -> masks decoded by the fast subscriber); "
+        "`pub` = frames that entered the node in the window and were published, `recv` = those the "
+        "fast subscriber got, `missed` = the difference, "
+        "`seq gaps` = jumps in the publisher's sequence number it saw; `pub_wait p99` = the node's "
+        "publish_wait stage; CPU % of the node and of the fault subscribers together (100 % = one core); "
+        "RSS, FDs and threads of the node at the window's end.",
+        "",
+        _md_table(list(FAULT_COLUMNS), fault_rows(fa)),
+        "",
+        *[f"- {line}" for line in fault_lines(fa)],
+        "",
+        f"Goal: faults / baseline <= {sm['target_ratio']:.2f} for p50 and p99 (issue 9: the node's latency "
+        "for the others stays within 10 % of the baseline).",
+        "",
+        f"![subscriber faults]({image_prefix}faults.png)",
+        "",
+    ]
 
 
 def _existing_notes(path: Path) -> str:
@@ -508,8 +698,7 @@ def write_all(result: dict[str, Any], out_dir: Path, report_md: Path | None = No
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    name = "soak" if "soak" in result and not result.get("cells") else "bench"
-    js = out_dir / f"{name}.json"
+    js = out_dir / json_name(result)
     js.write_text(json.dumps(result, indent=1))
     written.append(js)
     if result.get("cells"):
@@ -519,6 +708,9 @@ def write_all(result: dict[str, Any], out_dir: Path, report_md: Path | None = No
     if "soak" in result:
         plot_soak(result["soak"], out_dir / "soak.png")
         written.append(out_dir / "soak.png")
+    if "faults" in result:
+        plot_faults(result["faults"], out_dir / "faults.png")
+        written.append(out_dir / "faults.png")
     if report_md is not None:
         prefix = os.path.relpath(out_dir, report_md.parent).replace(os.sep, "/") + "/"
         report_md.parent.mkdir(parents=True, exist_ok=True)

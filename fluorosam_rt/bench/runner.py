@@ -73,6 +73,12 @@ class BenchOptions:
     soak_minutes: float | None = None
     soak_interval_s: float = 10.0
     soak_engine: str | None = None
+    faults: bool = False  # only the subscriber-fault run (fluorosam_rt/bench/faults.py)
+    faults_phase_s: float = 25.0
+    faults_rounds: int = 4
+    faults_settle_s: float = 3.0
+    faults_engine: str | None = None
+    faults_transport: str = "tcp"
     report: Path | None = None
     keep_workdir: bool = False
     argv: list[str] = field(default_factory=list)
@@ -243,6 +249,7 @@ class Group:
     control: str
     sub_out: str
     logs: list[Any]
+    masks: str = ""  # the node's publish endpoint
 
 
 def start_group(
@@ -255,9 +262,10 @@ def start_group(
     checkpoint: str | None,
     prompts: Sequence[str],
     max_seconds: float,
+    publish_endpoint: str | None = None,
 ) -> Group:
     gdir = Path(tempfile.mkdtemp(prefix=tag[:20] + "-", dir=work))
-    masks, control = f"ipc://{gdir}/masks", f"ipc://{gdir}/control"
+    masks, control = publish_endpoint or f"ipc://{gdir}/masks", f"ipc://{gdir}/control"
     settings = {
         "stream": "bench",
         "source": {
@@ -313,7 +321,7 @@ def start_group(
                 p.kill()
                 p.wait()
         raise
-    return Group(node=node, sub=sub, control=control, sub_out=sub_out, logs=logs)
+    return Group(node=node, sub=sub, control=control, sub_out=sub_out, logs=logs, masks=masks)
 
 
 def stop_group(g: Group) -> tuple[dict[str, Any], np.ndarray, dict[str, Any]]:
@@ -585,6 +593,10 @@ def run_bench(opts: BenchOptions, progress: Any = print) -> dict[str, Any]:
         }
         if opts.soak_minutes:
             result["soak"] = run_soak(work, opts, frames_dir, checkpoint, bundle, progress)
+        elif opts.faults:
+            from .faults import run_faults
+
+            result["faults"] = run_faults(work, opts, frames_dir, checkpoint, bundle, progress)
         else:
             engines, skipped = resolve_engines(opts, bundle.model)
             result["config"]["engines"] = engines
