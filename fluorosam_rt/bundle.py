@@ -12,6 +12,7 @@ from typing import Any
 
 from .checkpoint import CheckpointError, LoadReport, detect_format, load_native, load_official
 from .model.sam import FluoroSAM
+from .prompts import PromptCache
 from .text.base import TextEncoder
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
@@ -27,6 +28,13 @@ class ModelBundle:
     source: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
     report: LoadReport | None = None
+    prompt_seed: Path | None = None  # a shipped prompt-token cache that travels with the weights
+
+    def prompt_cache(self) -> PromptCache:
+        """The prompt cache for this model, seeded from the tokens shipped beside its weights."""
+        from .predictor import token_identity
+
+        return PromptCache(token_identity(self.model, self.text_encoder), seed=self.prompt_seed)
 
 
 def _text_encoder_for_native(spec: dict[str, Any], source: str) -> TextEncoder:
@@ -78,6 +86,8 @@ def load_bundle(
             source=str(path),
             meta=nm.meta,
             report=nm.report,
+            # Convention: a native model's vocabulary tokens ship in prompt_cache/ beside it.
+            prompt_seed=path.parent / "prompt_cache" if (path.parent / "prompt_cache").is_dir() else None,
         )
     model, report = load_official(
         path, clip_weights=clip_weights, allow_partial=allow_partial, trust_pickle=trust_pickle

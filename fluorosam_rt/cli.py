@@ -82,6 +82,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     predictor = Predictor(
         bundle.model,
         bundle.text_encoder,
+        cache=bundle.prompt_cache(),
         presence_threshold=threshold,
         mask_threshold=args.mask_threshold,
         engine=engine,

@@ -89,20 +89,32 @@ TokenFn = Callable[[list[str]], torch.Tensor]
 class PromptCache:
     """Normalised prompt text -> final prompt token [C], in memory and optionally on disk."""
 
-    def __init__(self, identity: str, directory: str | Path | None = None) -> None:
+    def __init__(
+        self, identity: str, directory: str | Path | None = None, seed: str | Path | None = None
+    ) -> None:
+        """``directory``: where this cache persists itself. ``seed``: a read-only folder whose file for
+        the same identity is loaded first (the shipped model's vocabulary tokens), so its prompts start
+        without running the text encoder; a file for another identity is ignored."""
         self.identity = identity
         self.directory = Path(directory) if directory is not None else None
         self._tokens: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
         self.encode_count = 0
+        self.seeded_count = 0
+        if seed is not None:
+            self._tokens.update(self._read(self._file_in(Path(seed))))
+            self.seeded_count = len(self._tokens)
         if self.directory is not None:
-            self._load()
+            self._tokens.update(self._read(self.path))
+
+    def _file_in(self, directory: Path) -> Path:
+        return directory / f"prompt-tokens-{self.identity[:24]}.safetensors"
 
     @property
     def path(self) -> Path | None:
         if self.directory is None:
             return None
-        return self.directory / f"prompt-tokens-{self.identity[:24]}.safetensors"
+        return self._file_in(self.directory)
 
     def __contains__(self, text: str) -> bool:
         return normalize_prompt(text) in self._tokens
@@ -157,10 +169,10 @@ class PromptCache:
         )
         tmp.replace(self.path)
 
-    def _load(self) -> None:
-        p = self.path
+    def _read(self, p: Path | None) -> dict[str, torch.Tensor]:
+        """Tokens stored in ``p`` for this identity; nothing for a missing, damaged or foreign file."""
         if p is None or not p.is_file():
-            return
+            return {}
         from safetensors import safe_open
 
         try:
@@ -169,10 +181,10 @@ class PromptCache:
                 tokens = f.get_tensor("tokens")
             texts = json.loads(meta["texts"])
         except Exception:  # a damaged cache file is rebuilt, never trusted
-            return
+            return {}
         if meta.get("identity") != self.identity or len(texts) != tokens.shape[0]:
-            return
-        self._tokens = {t: tok.clone() for t, tok in zip(texts, tokens)}
+            return {}
+        return {t: tok.clone() for t, tok in zip(texts, tokens)}
 
 
 def prompt_texts_from_yaml(path: str | Path, include_phrasings: bool = True) -> list[str]:

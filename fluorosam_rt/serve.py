@@ -81,6 +81,7 @@ def build_app(settings: NodeSettings, bundle: ModelBundle | None = None) -> Node
     predictor = Predictor(
         bundle.model,
         bundle.text_encoder,
+        cache=bundle.prompt_cache(),
         presence_threshold=threshold,
         mask_threshold=m.mask_threshold,
         device=m.device,

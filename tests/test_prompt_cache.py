@@ -104,3 +104,34 @@ def test_warm_list_from_yaml(tmp_path):
     f.write_text("something: else\n")
     with pytest.raises(PromptError, match="no prompts"):
         prompt_texts_from_yaml(f)
+
+
+def test_seed_folder_preloads_without_encoding_and_stays_read_only(tmp_path):
+    shipped = tmp_path / "shipped"
+    PromptCache("model-a", directory=shipped).encode(["lungs", "heart"], CountingTokens())
+    before = {p.name: p.read_bytes() for p in shipped.iterdir()}
+    fn = CountingTokens()
+    cache = PromptCache("model-a", seed=shipped)
+    assert cache.seeded_count == 2
+    cache.encode(["Lungs", "spine"], fn)
+    assert fn.calls == [["spine"]]  # only the prompt that was not shipped is encoded
+    assert {p.name: p.read_bytes() for p in shipped.iterdir()} == before  # the seed is never written
+    assert PromptCache("model-b", seed=shipped).seeded_count == 0  # another model's tokens are ignored
+
+
+def test_default_model_ships_its_own_vocabulary_tokens():
+    from fluorosam_rt.bundle import DEFAULT_MODEL_PATH, load_bundle
+    from fluorosam_rt.predictor import Predictor
+
+    if not DEFAULT_MODEL_PATH.is_file():
+        pytest.skip("no embedded default model installed")
+    bundle = load_bundle()
+    seeded = bundle.prompt_cache()
+    assert seeded.seeded_count > 100
+    fresh = Predictor(bundle.model, bundle.text_encoder)  # its own, empty cache
+    texts = ["lungs", "left lung", "K-wire", "pedicle screw", "left collarbone"]
+    fresh.add_prompts(texts)
+    assert fresh.cache.encode_count == len(texts)
+    # The shipped tokens are the ones the shipped weights and text encoder produce.
+    assert torch.allclose(seeded.lookup(texts), fresh.cache.lookup(texts), atol=1e-5)
+    assert seeded.encode_count == 0
