@@ -44,6 +44,15 @@ class VideoSettings(_Strict):
         return v
 
 
+class DicomTlsSettings(_Strict):
+    """DICOM TLS on the Storage SCP (PEM files). With ca_file, clients need a certificate it signed."""
+
+    cert_file: str  # the SCP's certificate (chain), PEM
+    key_file: str  # its private key, PEM, unencrypted (readable by the node's user only)
+    ca_file: str | None = None  # set: mutual TLS, a client certificate signed by this CA is required
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+
 class DicomSettings(_Strict):
     kind: Literal["dicom"] = "dicom"
     host: str = "0.0.0.0"
@@ -55,6 +64,8 @@ class DicomSettings(_Strict):
     max_frame_pixels: int = Field(default=4096 * 4096, gt=0)
     max_frame_bytes: int = Field(default=64 * 1024 * 1024, gt=0)  # one decoded frame in memory
     multiframe_fps: float = Field(default=15.0, gt=0, le=1000)
+    tls: DicomTlsSettings | None = None  # None: plain TCP (a trusted network segment only)
+    log_patient_identifiers: bool = False  # True: the receipt log line names PatientID, AccessionNumber
 
 
 SourceSettings = Annotated[ReplaySettings | VideoSettings | DicomSettings, Field(discriminator="kind")]

@@ -4,15 +4,21 @@ Each target has a contract: for *any* input it either returns a well-formed resu
 typed error its caller catches. Anything else (IndexError, OverflowError, a hang) is a crash the
 node would have to survive by luck, so it fails here. The short runs below are part of the suite;
 ``FUZZ_EXAMPLES=100000 .venv/bin/python -m pytest tests/test_fuzz.py`` is the long
-run documented in docs/reliability.md, and fuzz/ has the atheris harness for coverage-guided runs.
-Every crash found becomes an explicit regression example (``@example``) next to its target.
+run documented in docs/reliability.md. fuzz/ holds the atheris harnesses for coverage-guided runs
+of the same targets (``scripts/fuzz_long.sh``); a few hundred runs of each are part of the suite
+(the end of this file), so they cannot rot. Every crash found becomes an explicit regression
+example (``@example``) next to its target.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -38,7 +44,11 @@ from fluorosam_rt.control import COMMANDS, MAX_REQUEST_BYTES, CommandError, pars
 from fluorosam_rt.imageio import ImageReadError
 from fluorosam_rt.preprocess import Preprocessor
 from fluorosam_rt.prompts import Prompt
-from fluorosam_rt.sources.dicom_frames import dataset_frames
+from fluorosam_rt.sources import SourceError
+from fluorosam_rt.sources.dicom_frames import dataset_frames, dicom_file_frames
+from fluorosam_rt.sources.replay import ReplaySource
+
+REPO = Path(__file__).resolve().parents[1]
 
 SHORT = settings(
     max_examples=int(os.environ.get("FUZZ_EXAMPLES", "150")),
@@ -343,6 +353,71 @@ def test_fuzz_dataset_frames(ds) -> None:
         assert "PatientID" not in meta or isinstance(meta["PatientID"], str)
 
 
+def _small_dicom_file() -> bytes:
+    ds = _regression_ds(
+        Rows=4, Columns=4, PhotometricInterpretation="MONOCHROME2", PixelData=bytes(range(16))
+    )
+    ds.file_meta.MediaStorageSOPClassUID = XA
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.WindowCenter, ds.WindowWidth = "8", "16"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+# Found by fuzz/fuzz_dicom.py: file meta whose group length (UL) is 3 bytes long. pydicom raises
+# BytesLengthException from dcmread, which the replay reader did not catch, so `fluorosam-rt
+# serve --source replay:FILE` printed a traceback instead of one line.
+CORRUPT_FILE_META = b"\0" * 128 + b"DICM" + b"\x02\x00\x00\x00UL\x03\x00abc"
+
+
+byte_edits = st.lists(
+    st.tuples(st.sampled_from(["truncate", "flip", "insert"]), st.integers(0, 400), st.binary(max_size=8)),
+    min_size=1,
+    max_size=4,
+)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about each mangled value
+@SHORT
+@given(byte_edits)
+@example([("replace", 0, CORRUPT_FILE_META)])
+def test_fuzz_dicom_file_bytes(edits) -> None:
+    """A small valid DICOM file, truncated, with bytes flipped or inserted, read as the replay
+    reader reads a file: finite 2-D frames or ImageReadError."""
+    raw = bytearray(_small_dicom_file())
+    for op, at, value in edits:
+        at = min(at, len(raw))
+        if op == "replace":
+            raw = bytearray(value)
+        elif op == "truncate":
+            del raw[at:]
+        elif op == "flip" and at < len(raw):
+            raw[at] ^= (value[:1] or b"\x01")[0] or 1
+        else:
+            raw[at:at] = value
+    try:
+        frames = dicom_file_frames(io.BytesIO(bytes(raw)))
+    except ImageReadError as exc:
+        _explained(exc)
+        return
+    assert frames
+    for pixels, _meta in frames:
+        assert pixels.ndim == 2
+        assert pixels.size > 0
+        if np.issubdtype(pixels.dtype, np.floating):
+            assert np.isfinite(pixels).all()
+
+
+def test_corrupt_file_meta_in_a_replay_file_is_a_source_error(tmp_path) -> None:
+    with pytest.raises(ImageReadError, match="corrupt or unreadable DICOM data"):
+        dicom_file_frames(io.BytesIO(CORRUPT_FILE_META))
+    bad = tmp_path / "bad_meta.dcm"
+    bad.write_bytes(CORRUPT_FILE_META)
+    with pytest.raises(SourceError, match=r"bad_meta\.dcm"):
+        ReplaySource(bad)
+
+
 # --------------------------------------------------------------------------- preprocess
 
 
@@ -403,3 +478,24 @@ def test_fuzz_preprocess(preprocessors, img) -> None:
         assert tuple(x.shape) == (3, 64, 64)
         assert bool(x.isfinite().all()), img
         assert info.original_hw == img.shape[:2]
+
+
+# --------------------------------------------------------------------------- atheris harnesses
+
+
+@pytest.mark.skipif(importlib.util.find_spec("atheris") is None, reason="atheris is not installed")
+@pytest.mark.parametrize("target", ["dicom", "control", "wire"])
+def test_atheris_harness_runs_clean(target, tmp_path) -> None:
+    """A few hundred coverage-guided inputs per harness in a subprocess (libFuzzer owns the
+    process): the harness still starts, its seeds meet its contract, nothing crashes."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "fuzz" / f"fuzz_{target}.py"), "-runs=300", "-seed=1"],
+        env={**os.environ, "FUZZ_DIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "Done 300 runs" in proc.stderr, proc.stderr[-4000:]
+    assert not list((tmp_path / target).glob("crash-*"))
+    assert len(list((tmp_path / target / "seeds").iterdir())) >= 3

@@ -1,5 +1,6 @@
 """Security of the node (issue 9): CURVE on stream and control, DICOM AE allow-list and
-association limit, no unpickling of untrusted data, no patient identifiers in logs."""
+association limit, no unpickling of untrusted data, no patient identifiers in logs unless the
+DICOM source's log_patient_identifiers flag allows them (DICOM TLS: test_dicom_tls.py)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from fluorosam_rt.cli import main as cli_main
 from fluorosam_rt.node_config import NodeConfigError, load_settings
 from fluorosam_rt.security import load_keys, load_public_key, make_client
 from fluorosam_rt.serve import build_app
+from fluorosam_rt.sources import create_source
 from fluorosam_rt.sources.dicom_scp import DicomStorageSource
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -243,12 +245,14 @@ def test_the_lint_catches_what_it_should(tmp_path, monkeypatch):
 
 
 def test_logs_carry_no_patient_identifiers(tmp_path, bundle, caplog):
+    """The default (log_patient_identifiers off), at DEBUG level, for a good and a refused object."""
     caplog.set_level(logging.DEBUG)
     source = {"kind": "dicom", "host": "127.0.0.1", "port": 0, "ae_title": "FSAMTEST"}
     ds = multiframe_xa(tmp_path / "a.dcm", n_frames=2)
     ds.PatientID, ds.PatientName, ds.PatientBirthDate = "PID-93841", "Doe^Jane", "19700101"
+    ds.AccessionNumber = "ACC-5521"
     bad = multiframe_xa(tmp_path / "b.dcm", n_frames=1)
-    bad.PatientID, bad.PatientName = "PID-93841", "Doe^Jane"
+    bad.PatientID, bad.PatientName, bad.AccessionNumber = "PID-93841", "Doe^Jane", "ACC-5521"
     bad.BitsAllocated = 12  # refused: the rejection is logged/reported without the patient
     with running_node(tmp_path, bundle, source) as (app, sub):
         port = app.node.source.address[1]
@@ -260,6 +264,44 @@ def test_logs_carry_no_patient_identifiers(tmp_path, bundle, caplog):
         wait_for(lambda: app.node.accounting.snapshot()["received"] == 2 and app.node.idle(), 30, "2 frames")
     assert msg.source["PatientID"] == "PID-93841"  # the stream carries it (a SEG needs it) ...
     text = caplog.text + status + stats + json.dumps(app.final)
-    for ident in ("PID-93841", "Doe^Jane", "Doe", "19700101"):
+    assert "C-STORE from SCU: status 0x0000" in caplog.text  # receipt is logged, without the patient
+    for ident in ("PID-93841", "Doe^Jane", "Doe", "19700101", "ACC-5521"):
         assert ident not in text, ident  # ... logs and status do not
     assert threading.active_count() < 50
+
+
+def test_log_patient_identifiers_flag_names_them_on_receipt(tmp_path, caplog):
+    """``log_patient_identifiers: true`` (a site's choice, e.g. to trace an object): the receipt
+    line names PatientID and AccessionNumber, for accepted and refused objects alike."""
+    caplog.set_level(logging.DEBUG, logger="fluorosam_rt.sources.dicom_scp")
+    settings = load_settings(
+        None,
+        {
+            "source": {
+                "kind": "dicom",
+                "host": "127.0.0.1",
+                "port": 0,
+                "ae_title": "FSAMTEST",
+                "log_patient_identifiers": True,
+            }
+        },
+    )
+    assert load_settings(None, {"source": {"kind": "dicom"}}).source.log_patient_identifiers is False
+    src, sink = create_source(settings.source), Collector()
+    ds = multiframe_xa(tmp_path / "a.dcm", n_frames=1)
+    ds.PatientID, ds.AccessionNumber, ds.PatientName = "PID-93841", "ACC-5521", "Doe^Jane"
+    bad = multiframe_xa(tmp_path / "b.dcm", n_frames=1)
+    bad.PatientID, bad.AccessionNumber = "PID-77", "ACC-78"
+    bad.BitsAllocated = 12
+    src.start(sink)
+    try:
+        port = src.address[1]
+        assert _pynetdicom_store(port, ds, [XA], calling="CARM1")[0].Status == 0
+        assert _pynetdicom_store(port, bad, [XA], calling="CARM1")[0].Status == 0xC000
+        sink.wait(1)
+    finally:
+        src.stop()
+    lines = [r.getMessage() for r in caplog.records if r.name == "fluorosam_rt.sources.dicom_scp"]
+    assert "C-STORE from CARM1: status 0x0000 PatientID=PID-93841 AccessionNumber=ACC-5521" in lines
+    assert "C-STORE from CARM1: status 0xC000 PatientID=PID-77 AccessionNumber=ACC-78" in lines
+    assert "Doe^Jane" not in caplog.text  # the flag covers the two identifiers a site traces by

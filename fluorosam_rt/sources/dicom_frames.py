@@ -6,7 +6,8 @@ that arrives over the network looks exactly like the same file read from disk.
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -121,3 +122,23 @@ def dataset_frames(ds: Any) -> list[tuple[np.ndarray, dict[str, Any]]]:
             del meta["source_path"]
         out.append((img.pixels, meta))
     return out
+
+
+def dicom_file_frames(src: str | os.PathLike[str] | BinaryIO) -> list[tuple[np.ndarray, dict[str, Any]]]:
+    """A DICOM file (a path, or a binary file object with the file's bytes) -> its frames.
+
+    Read as the node reads files (pydicom with ``force=True``: preamble and file meta optional),
+    then :func:`dataset_frames`. Raises only ImageReadError: pydicom itself raises
+    BytesLengthException, struct.error, ... on corrupt bytes (found by fuzz/fuzz_dicom.py: a
+    corrupt replay file made ``fluorosam-rt serve`` print a traceback instead of one line).
+    """
+    import pydicom
+
+    name = os.fspath(src) if isinstance(src, (str, os.PathLike)) else getattr(src, "name", "<bytes>")
+    try:
+        ds = pydicom.dcmread(src, force=True)
+    except Exception as exc:
+        raise ImageReadError(
+            f"cannot read image {name!r}: corrupt or unreadable DICOM data ({type(exc).__name__}: {exc})"
+        ) from exc
+    return dataset_frames(ds)

@@ -12,14 +12,24 @@ Why these choices:
 * A multi-frame cine arrives in one object. Its frames are played into the stream at their own
   frame time (FrameTime, else ``multiframe_fps``) by one pacing thread, because latest-frame-wins
   would otherwise keep only the last frame of every object.
+* Optional TLS (DICOM PS3.15 B.1, the "basic TLS secure transport" profile) through pynetdicom's
+  ``ssl_context``: TLS 1.2 at least, and with a CA file only clients holding a certificate that
+  CA signed get an association (mutual TLS). Key files that cannot be used stop the start-up
+  with one line naming the file; a client that cannot complete the handshake is dropped and the
+  server keeps serving.
+* Patient identifiers are never logged unless ``log_patient_identifiers`` is set; the receipt
+  line (DEBUG) then names PatientID and AccessionNumber so a site can trace an object.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import socket
+import ssl
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,6 +46,69 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
 VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
+TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+TLS_IO_TIMEOUT_S = 30.0  # a TLS peer that stops mid-record is dropped after this long
+
+
+class _ServerTlsContext(ssl.SSLContext):
+    """pynetdicom wraps each accepted socket on its one accepting thread with the default
+    ``do_handshake_on_connect=True``: a client that connects and says nothing (a port scanner, a
+    half-open link) would stall every later association until it hung up. Here the handshake is
+    deferred to the association's own thread (OpenSSL runs it on the first read), and a socket
+    timeout drops a peer that stops halfway through a record. Either way the bad client holds one
+    association slot until pynetdicom's ACSE timeout (30 s) ends that association.
+    """
+
+    def wrap_socket(  # type: ignore[override]
+        self, sock: socket.socket, server_side: bool = False, do_handshake_on_connect: bool = True, **kw: Any
+    ) -> ssl.SSLSocket:
+        if server_side:
+            sock.settimeout(TLS_IO_TIMEOUT_S)
+            do_handshake_on_connect = False
+        return super().wrap_socket(
+            sock, server_side=server_side, do_handshake_on_connect=do_handshake_on_connect, **kw
+        )
+
+
+def server_tls_context(
+    cert_file: str | Path, key_file: str | Path, ca_file: str | Path | None = None, min_version: str = "1.2"
+) -> ssl.SSLContext:
+    """The SCP's TLS context: our certificate chain and key (PEM), TLS >= ``min_version``, and with
+    ``ca_file`` (PEM) a client certificate signed by that CA is required. Raises SourceError with
+    one line naming the file that cannot be used.
+    """
+    if min_version not in TLS_VERSIONS:
+        raise SourceError(
+            f"DICOM TLS: min_version must be one of {sorted(TLS_VERSIONS)}, not {min_version!r}"
+        )
+    for what, path in (("certificate", cert_file), ("private key", key_file), ("CA", ca_file)):
+        if path is not None and not Path(path).is_file():
+            raise SourceError(f"DICOM TLS: {what} file {str(path)!r} does not exist")
+    ctx = _ServerTlsContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = TLS_VERSIONS[min_version]
+    try:
+        # An encrypted key would otherwise make OpenSSL prompt on the terminal; refuse it instead.
+        ctx.load_cert_chain(str(cert_file), str(key_file), password=lambda: b"")
+    except (ssl.SSLError, OSError) as exc:
+        raise SourceError(
+            f"DICOM TLS: cannot use certificate {str(cert_file)!r} with key {str(key_file)!r} "
+            f"(PEM certificate and its unencrypted private key expected): {_ssl_reason(exc)}"
+        ) from exc
+    if ca_file is not None:
+        try:
+            ctx.load_verify_locations(cafile=str(ca_file))
+        except (ssl.SSLError, OSError) as exc:
+            raise SourceError(
+                f"DICOM TLS: cannot use CA file {str(ca_file)!r} (PEM certificates expected): "
+                f"{_ssl_reason(exc)}"
+            ) from exc
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def _ssl_reason(exc: Exception) -> str:
+    reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+    return str(reason).replace("\n", " ")
 
 
 class DicomStorageSource(Source):
@@ -54,6 +127,8 @@ class DicomStorageSource(Source):
         max_object_frames: int = 2000,
         max_pending_frames: int = 4000,
         multiframe_fps: float = 15.0,
+        ssl_context: ssl.SSLContext | None = None,  # from server_tls_context(); None: plain TCP
+        log_patient_identifiers: bool = False,
     ) -> None:
         super().__init__()
         self.host, self.port = host, int(port)
@@ -65,6 +140,8 @@ class DicomStorageSource(Source):
         self.max_frame_bytes = max_frame_bytes
         self.max_object_frames = max_object_frames
         self.multiframe_fps = multiframe_fps
+        self.ssl_context = ssl_context
+        self.log_patient_identifiers = log_patient_identifiers
         self.objects_received = 0
         self.status_counts: dict[int, int] = {}
         self._pending: queue.Queue[tuple[np.ndarray, dict[str, Any], float]] = queue.Queue(max_pending_frames)
@@ -92,7 +169,9 @@ class DicomStorageSource(Source):
             ae.require_calling_aet = self.allowed_calling_aes
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, lambda event: 0x0000)]
         try:
-            self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
+            self._server = ae.start_server(
+                (self.host, self.port), block=False, evt_handlers=handlers, ssl_context=self.ssl_context
+            )
         except OSError as exc:
             raise SourceError(f"cannot listen for DICOM on {self.host}:{self.port}: {exc}") from exc
         self._pacer = threading.Thread(target=self._pace, name="source-dicom-pacer", daemon=True)
@@ -113,12 +192,31 @@ class DicomStorageSource(Source):
 
     def _on_store(self, event: Any) -> Any:
         """C-STORE handler: decode, enqueue, answer. Never raises (pynetdicom would abort)."""
+        calling = str(event.assoc.requestor.ae_title).strip()
         try:
             ds = event.dataset
             ds.file_meta = event.file_meta
         except Exception as exc:
             self.reject("cannot_understand", f"undecodable data set: {type(exc).__name__}")
+            log.debug(
+                "C-STORE from %s: data set cannot be parsed, status 0x%04X", calling, STATUS_CANNOT_UNDERSTAND
+            )
             return self._answer(STATUS_CANNOT_UNDERSTAND, "data set cannot be parsed")
+        answer = self._store(event, ds)
+        status = answer if isinstance(answer, int) else int(answer.Status)
+        log.debug("C-STORE from %s: status 0x%04X%s", calling, status, self._identifiers(ds))
+        return answer
+
+    def _identifiers(self, ds: Any) -> str:
+        """' PatientID=... AccessionNumber=...' when the site allows it in logs, else ''."""
+        if not self.log_patient_identifiers:
+            return ""
+        try:
+            return f" PatientID={ds.get('PatientID', '')!s} AccessionNumber={ds.get('AccessionNumber', '')!s}"
+        except Exception:  # a malformed element must not turn a log line into an abort
+            return " (patient identifiers unreadable)"
+
+    def _store(self, event: Any, ds: Any) -> Any:
         requested = str(event.request.AffectedSOPClassUID)
         if requested not in XRAY_STORAGE_SOP_CLASSES:
             self.reject("sop_class_not_supported")

@@ -26,8 +26,12 @@ def create_source(settings: Any) -> Source:
             reconnect_max_s=settings.reconnect_max_s,
         )
     if kind == "dicom":
-        from .dicom_scp import DicomStorageSource
+        from .dicom_scp import DicomStorageSource, server_tls_context
 
+        tls = settings.tls
+        ssl_context = (
+            server_tls_context(tls.cert_file, tls.key_file, tls.ca_file, tls.min_version) if tls else None
+        )
         return DicomStorageSource(
             host=settings.host,
             port=settings.port,
@@ -38,5 +42,7 @@ def create_source(settings: Any) -> Source:
             max_frame_pixels=settings.max_frame_pixels,
             max_frame_bytes=settings.max_frame_bytes,
             multiframe_fps=settings.multiframe_fps,
+            ssl_context=ssl_context,
+            log_patient_identifiers=settings.log_patient_identifiers,
         )
     raise ValueError(f"unknown source kind {kind!r}")

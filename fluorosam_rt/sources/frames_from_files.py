@@ -73,12 +73,9 @@ def _read_still(f: Path) -> list[tuple[np.ndarray, dict[str, Any]]]:
         with f.open("rb") as fh:
             head = fh.read(132)
         if f.suffix.lower() in {".dcm", ".dicom", ".dic"} or head[128:132] == b"DICM":
-            import pydicom
+            from .dicom_frames import dicom_file_frames
 
-            ds = pydicom.dcmread(f, force=True)
-            from .dicom_frames import dataset_frames
-
-            return dataset_frames(ds)
+            return dicom_file_frames(f)
         img = read_image(f)
     except (ImageReadError, OSError) as exc:
         raise SourceError(str(exc)) from exc
