@@ -7,8 +7,8 @@
    the file's metadata, which is where ``load_bundle`` reads it.
 2. The file is copied to ``fluorosam_rt/assets/default_model.safetensors`` (size checked).
 3. The prompt tokens of every vocabulary phrasing are precomputed into
-   ``fluorosam_rt/assets/prompt_cache/``, keyed by the model's token identity, so a node that
-   points its cache there starts without running the text encoder.
+   ``fluorosam_rt/assets/prompt_cache/``, keyed by the model's token identity; ``load_bundle``
+   seeds every node's and CLI's prompt cache from it, so vocabulary prompts need no text encoding.
 """
 
 from __future__ import annotations
