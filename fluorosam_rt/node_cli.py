@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -79,7 +80,42 @@ def _install_signal_handlers(app: Any) -> None:
         signal.signal(sig, handler)
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMAT = "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s"
+
+
+def _configure_logging(level: str) -> Any:
+    """Root logger -> stderr at ``level``, UTC ISO-8601 timestamps (an OR log is compared with the
+    C-arm's and the PACS's, across daylight-saving changes). stdout keeps only the JSON
+    ready/stopped lines. Returns an undo function: ``serve`` is also called in-process (tests, an
+    embedding program), whose logging must be as it was afterwards.
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    formatter = logging.Formatter(LOG_FORMAT, datefmt="%Y-%m-%dT%H:%M:%S")
+    formatter.converter = time.gmtime
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(level)
+
+    def undo() -> None:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+        handler.close()
+
+    return undo
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    undo_logging = _configure_logging(args.log_level)
+    try:
+        return _serve(args)
+    finally:
+        undo_logging()
+
+
+def _serve(args: argparse.Namespace) -> int:
     from .node_config import load_settings
     from .serve import build_app
 
@@ -378,6 +414,18 @@ def add_node_commands(sub: Any) -> None:
     serve.add_argument("--keep-running", action="store_true", help="do not exit when a replay/file ends")
     serve.add_argument("--max-seconds", type=float, help="stop after this long (tests, soak runs)")
     serve.add_argument("--metrics", help="serve Prometheus text metrics at http://HOST:PORT/metrics")
+    serve.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        default="INFO",
+        help="log to stderr with UTC timestamps (default INFO: an unattended OR node's log is "
+        "what a service engineer reads after an incident: each DICOM association and object "
+        "received, engine selection and switches, errors; a few lines per object, none "
+        "per frame, no patient identifiers. DEBUG adds the per-object DICOM receipt line (with "
+        "PatientID/AccessionNumber only if log_patient_identifiers is set) and pynetdicom's PDU "
+        "dumps, hundreds of lines per association: for diagnosis)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     pr = sub.add_parser("prompts", help="change or list a running node's prompts")

@@ -66,6 +66,10 @@ class DicomSettings(_Strict):
     multiframe_fps: float = Field(default=15.0, gt=0, le=1000)
     tls: DicomTlsSettings | None = None  # None: plain TCP (a trusted network segment only)
     log_patient_identifiers: bool = False  # True: the receipt log line names PatientID, AccessionNumber
+    # A peer silent this long is dropped and its association slot freed: a read or write that
+    # stalls (half a PDU, a stalled TLS handshake), no A-ASSOCIATE-RQ after connecting, an idle
+    # open association. Plain TCP and TLS alike.
+    network_timeout_s: float = Field(default=30.0, gt=0, le=3600)
 
 
 SourceSettings = Annotated[ReplaySettings | VideoSettings | DicomSettings, Field(discriminator="kind")]

@@ -21,7 +21,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from fluorosam_rt.cli import main as cli_main
 from fluorosam_rt.node_config import NodeConfigError, load_settings
-from fluorosam_rt.sources import SourceError, create_source, dicom_scp
+from fluorosam_rt.sources import SourceError, create_source
 from fluorosam_rt.sources.dicom_scp import DicomStorageSource, server_tls_context
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -180,12 +180,11 @@ def test_silent_client_does_not_stall_the_tls_server(tmp_path, pki):
         src.stop()
 
 
-def test_tls_peer_that_stops_mid_record_is_dropped(tmp_path, pki, monkeypatch):
-    """Half a TLS record, then silence: the server drops the connection after its TLS I/O
-    timeout (on plain TCP pynetdicom would wait for the rest for ever, holding an association
-    slot). pynetdicom frees the slot itself once its ACSE timeout has passed."""
-    monkeypatch.setattr(dicom_scp, "TLS_IO_TIMEOUT_S", 1.0)
-    src, sink = _tls_source(pki, mutual=False), Collector()
+def test_tls_peer_that_stops_mid_record_is_dropped(tmp_path, pki):
+    """Half a TLS record, then silence: the server drops the connection after the source's
+    ``network_timeout_s`` (the same socket timeout as on plain TCP, tests/test_faults.py), and
+    the next client is served."""
+    src, sink = _tls_source(pki, mutual=False, network_timeout_s=1.0), Collector()
     src.start(sink)
     stalled = socket.create_connection(src.address, timeout=10)
     try:

@@ -8,8 +8,10 @@ Every integration test ends with the accounting invariant (``running_node`` chec
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -38,7 +40,7 @@ from test_node import (
     running_node,
     wait_for,
 )
-from test_sources import XA, Collector, _pynetdicom_store, multiframe_xa, write_video
+from test_sources import XA, Collector, _pynetdicom_store, multiframe_xa, storescu, write_video
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -238,6 +240,95 @@ def test_dicom_association_aborted_mid_transfer_and_truncated_multiframe(tmp_pat
     assert src.emitted == 2
 
 
+def _stall(port: int, how: str) -> tuple[socket.socket, object]:
+    """A peer that starts a PDU and goes quiet with the connection open: (its socket, and for a
+    pynetdicom requestor its association, whose reader thread owns the socket)."""
+    if how == "half_header":  # 3 of the 6 header bytes of an A-ASSOCIATE-RQ
+        sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+        sock.sendall(b"\x01\x00\x00")
+        return sock, None
+    from pynetdicom import AE
+
+    ae = AE(ae_title="STALLER")
+    ae.add_requested_context(XA, pydicom.uid.ExplicitVRLittleEndian)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 120  # the staller never gives up first
+    assoc = ae.associate("127.0.0.1", port, ae_title="FSAMTEST")
+    assert assoc.is_established
+    sock = assoc.dul.socket.socket
+    # A-ASSOCIATE-RQ accepted; now a P-DATA-TF announcing 100000 bytes, of which 2 kB come.
+    sock.sendall(struct.pack(">BBI", 0x04, 0, 100_000) + struct.pack(">IBB", 99_996, 1, 0x00) + b"\0" * 2048)
+    return sock, assoc
+
+
+def _closed_by_server(sock: socket.socket, assoc: object, within: float) -> bool:
+    """True once the server has closed the stalled connection (EOF or reset; an A-ABORT PDU may
+    come first). A pynetdicom requestor's own reader sees that and ends its association."""
+    if assoc is not None:
+        deadline = time.monotonic() + within
+        while assoc.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return not assoc.is_alive()
+    sock.settimeout(within)
+    try:
+        while sock.recv(4096):
+            pass
+    except (ConnectionResetError, BrokenPipeError):
+        pass
+    except OSError:  # the timeout: still open
+        return False
+    return True
+
+
+@pytest.mark.parametrize("how", ["half_header", "half_pdata"])
+def test_stalled_dicom_peer_is_dropped_and_frees_its_slot(tmp_path, how):
+    """Plain TCP, max_associations 1: a peer that sends part of a PDU and then nothing, keeping
+    its connection open, is dropped after ``network_timeout_s`` and the next sender (dcmtk's
+    storescu) is served. Without a socket timeout pynetdicom's reader waits for the rest of the
+    PDU for ever, its ACSE and idle timeouts cannot end the association, and the slot stays taken.
+    """
+    timeout_s = 3.0
+    src, sink = (
+        DicomStorageSource(
+            host="127.0.0.1", port=0, ae_title="FSAMTEST", max_associations=1, network_timeout_s=timeout_s
+        ),
+        Collector(),
+    )
+    src.start(sink)
+    stalled, keep = None, None
+    try:
+        threads0 = threading.active_count()
+        port = src.address[1]
+        cine = tmp_path / "cine.dcm"
+        multiframe_xa(cine, n_frames=2)
+        t0 = time.monotonic()
+        stalled, keep = _stall(port, how)
+        time.sleep(0.3)
+        # The stalled peer holds the only slot: a sender right now is refused.
+        status, refused = _pynetdicom_store(port, pydicom.dcmread(cine), [XA])
+        early = status is None  # refused; a loaded machine may already be past the timeout
+        if time.monotonic() - t0 < timeout_s - 0.5:
+            assert status is None
+            assert not refused.is_established
+        # After the timeout the server has closed the stalled connection ...
+        assert _closed_by_server(stalled, keep, 30), "the server did not close the stalled connection"
+        dropped_after = time.monotonic() - t0
+        # ... and a real sender is served.
+        wait_for(lambda: storescu(port, cine).returncode == 0, 20, "storescu to be served after the stall")
+        served_after = time.monotonic() - t0
+        assert len(sink.wait(2 if early else 4)) == (2 if early else 4)
+        print(f"{how}: stalled peer cut after {dropped_after:.1f} s, storescu served at {served_after:.1f} s")
+        assert dropped_after >= timeout_s - 0.5
+        assert served_after < timeout_s + 20
+        wait_for(lambda: threading.active_count() <= threads0, 10, "the stalled association's threads to end")
+    finally:
+        if stalled is not None:
+            with contextlib.suppress(OSError):
+                stalled.shutdown(socket.SHUT_RDWR)
+            stalled.close()
+        src.stop()
+    assert src.objects_received == (1 if early else 2)
+
+
 @pytest.mark.parametrize(
     ("name", "content"),
     [
@@ -434,6 +525,54 @@ def test_signal_stops_serve_cleanly(tmp_path, checkpoint, sig):
             s.bind(f"ipc://{tmp_path}/{name}")
         finally:
             s.close(linger=0)
+
+
+@pytest.mark.parametrize("level", ["DEBUG", None], ids=["debug", "default"])
+def test_serve_log_level_shows_the_dicom_receipt_line(tmp_path, checkpoint, level):
+    """``serve --log-level DEBUG`` configures logging: the DICOM source's receipt line reaches
+    stderr with a timestamp (and no patient identifier: log_patient_identifiers is off). The
+    default, INFO, shows pynetdicom's per-object line but not the DEBUG receipt line."""
+    cfg = tmp_path / "dicom.yaml"
+    cfg.write_text("source: {kind: dicom, host: 127.0.0.1, port: 0, ae_title: FSAMTEST}\n")
+    args = ["serve", "--config", str(cfg), "--publish", f"ipc://{tmp_path}/masks", "--control", "none"]
+    args += ["--prompt", "lungs", "--checkpoint", str(checkpoint), "--max-seconds", "120"]
+    args += ["--log-level", level.lower()] if level else []  # (case-insensitive)
+    cine = tmp_path / "cine.dcm"
+    multiframe_xa(cine, n_frames=1)  # PatientID TEST123
+    err_path = tmp_path / "stderr.txt"
+    with open(err_path, "w") as err_file:  # a file, not a pipe: DEBUG writes hundreds of lines
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fluorosam_rt.cli", *args],
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            stdout=subprocess.PIPE,
+            stderr=err_file,
+            text=True,
+        )
+        try:
+            ready = json.loads(proc.stdout.readline())
+            assert ready["event"] == "ready", err_path.read_text()
+            port = int(ready["source"]["address"].rpartition(":")[2])
+            assert storescu(port, cine).returncode == 0
+            wait_for(lambda: "Association Released" in err_path.read_text(), 30, "the association to end")
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    err = err_path.read_text()
+    assert proc.returncode == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["received"] == 1
+    stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
+    receipt = stamp + r" DEBUG fluorosam_rt\.sources\.dicom_scp: C-STORE from CARM1: status 0x0000"
+    assert re.search(stamp + r" INFO pynetdicom\S*: Received Store Request", err), err[-3000:]
+    if level == "DEBUG":
+        assert re.search(receipt, err), err[-3000:]
+        assert "TEST123" not in err
+    else:
+        assert "C-STORE from CARM1" not in err
+        assert " DEBUG " not in err
 
 
 def test_second_signal_forces_exit(tmp_path, checkpoint):

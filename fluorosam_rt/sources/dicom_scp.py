@@ -19,6 +19,12 @@ Why these choices:
   server keeps serving.
 * Patient identifiers are never logged unless ``log_patient_identifiers`` is set; the receipt
   line (DEBUG) then names PatientID and AccessionNumber so a site can trace an object.
+* A peer that goes quiet holds an association slot (``max_associations``), so one setting,
+  ``network_timeout_s``, bounds every wait on the peer: each socket read or write of a
+  connection (set when it opens, TLS or not, so also a stalled handshake or half a PDU),
+  the wait for the A-ASSOCIATE-RQ (pynetdicom's ACSE timeout) and an idle open association
+  (its network timeout). pynetdicom alone cannot do the first: its reader waits for the rest of
+  a PDU on a blocking socket, and then neither of its timeouts can end the association.
 """
 
 from __future__ import annotations
@@ -47,23 +53,23 @@ STATUS_DATASET_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
 VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
 TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
-TLS_IO_TIMEOUT_S = 30.0  # a TLS peer that stops mid-record is dropped after this long
+DEFAULT_NETWORK_TIMEOUT_S = 30.0  # a peer silent this long (mid-PDU, before its request, idle) is dropped
 
 
 class _ServerTlsContext(ssl.SSLContext):
     """pynetdicom wraps each accepted socket on its one accepting thread with the default
     ``do_handshake_on_connect=True``: a client that connects and says nothing (a port scanner, a
     half-open link) would stall every later association until it hung up. Here the handshake is
-    deferred to the association's own thread (OpenSSL runs it on the first read), and a socket
-    timeout drops a peer that stops halfway through a record. Either way the bad client holds one
-    association slot until pynetdicom's ACSE timeout (30 s) ends that association.
+    deferred to the association's own thread (OpenSSL runs it on the first read). The socket
+    timeout that drops a peer stopping halfway through a record is the source's
+    ``network_timeout_s``, set on every connection as it opens (``_on_connection_open``), TLS or
+    not; the bad client holds one association slot for about that long.
     """
 
     def wrap_socket(  # type: ignore[override]
         self, sock: socket.socket, server_side: bool = False, do_handshake_on_connect: bool = True, **kw: Any
     ) -> ssl.SSLSocket:
         if server_side:
-            sock.settimeout(TLS_IO_TIMEOUT_S)
             do_handshake_on_connect = False
         return super().wrap_socket(
             sock, server_side=server_side, do_handshake_on_connect=do_handshake_on_connect, **kw
@@ -129,6 +135,7 @@ class DicomStorageSource(Source):
         multiframe_fps: float = 15.0,
         ssl_context: ssl.SSLContext | None = None,  # from server_tls_context(); None: plain TCP
         log_patient_identifiers: bool = False,
+        network_timeout_s: float = DEFAULT_NETWORK_TIMEOUT_S,
     ) -> None:
         super().__init__()
         self.host, self.port = host, int(port)
@@ -142,6 +149,9 @@ class DicomStorageSource(Source):
         self.multiframe_fps = multiframe_fps
         self.ssl_context = ssl_context
         self.log_patient_identifiers = log_patient_identifiers
+        if not network_timeout_s > 0:
+            raise SourceError(f"DICOM network_timeout_s must be > 0, not {network_timeout_s!r}")
+        self.network_timeout_s = float(network_timeout_s)
         self.objects_received = 0
         self.status_counts: dict[int, int] = {}
         self._pending: queue.Queue[tuple[np.ndarray, dict[str, Any], float]] = queue.Queue(max_pending_frames)
@@ -165,9 +175,16 @@ class DicomStorageSource(Source):
         ae.add_supported_context(VERIFICATION_SOP_CLASS)
         ae.maximum_associations = self.max_associations
         ae.maximum_pdu_size = self.max_pdu_size
+        # The wait for the A-ASSOCIATE-RQ (and the DUL's ARTIM timer), and how long an open
+        # association may stay idle between PDUs; the socket timeout is set per connection.
+        ae.acse_timeout = ae.network_timeout = self.network_timeout_s
         if self.allowed_calling_aes:
             ae.require_calling_aet = self.allowed_calling_aes
-        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, lambda event: 0x0000)]
+        handlers = [
+            (evt.EVT_CONN_OPEN, self._on_connection_open),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_ECHO, lambda event: 0x0000),
+        ]
         try:
             self._server = ae.start_server(
                 (self.host, self.port), block=False, evt_handlers=handlers, ssl_context=self.ssl_context
@@ -176,6 +193,21 @@ class DicomStorageSource(Source):
             raise SourceError(f"cannot listen for DICOM on {self.host}:{self.port}: {exc}") from exc
         self._pacer = threading.Thread(target=self._pace, name="source-dicom-pacer", daemon=True)
         self._pacer.start()
+
+    def _on_connection_open(self, event: Any) -> None:
+        """Give the accepted socket a timeout before its association thread reads from it.
+
+        pynetdicom accepts with a blocking socket (its ``network_timeout`` goes on the listening
+        socket only) and, once a PDU has begun, reads until the whole PDU is in: half a header
+        or half a P-DATA-TF, then silence, would block its reader for as long as the peer keeps
+        the connection open, and an association whose reader is blocked never ends, so it keeps
+        its slot. With a timeout the read fails, the DUL sees the transport close, and the
+        association ends and frees its slot. Runs on the connection's handler thread, before
+        the association starts (so before a TLS handshake, which is deferred to the first read).
+        """
+        sock = event.assoc.dul.socket.socket  # (pynetdicom logs a handler's exception at ERROR)
+        if sock is not None:
+            sock.settimeout(self.network_timeout_s)
 
     def _answer(self, status: int, comment: str = "") -> Any:
         with self._lock:

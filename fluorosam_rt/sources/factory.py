@@ -44,5 +44,6 @@ def create_source(settings: Any) -> Source:
             multiframe_fps=settings.multiframe_fps,
             ssl_context=ssl_context,
             log_patient_identifiers=settings.log_patient_identifiers,
+            network_timeout_s=settings.network_timeout_s,
         )
     raise ValueError(f"unknown source kind {kind!r}")
