@@ -52,7 +52,9 @@ def test_tiny_faults_run_measures_both_phases_and_keeps_the_books(tmp_path, chec
         assert p["seq_gaps"] >= 0
         assert {"rss_mb", "fds", "threads"} <= set(p["node_at_window_end"])
     base, faulted = fa["phases"]
-    assert base["fault_subscribers"] == {}
+    control = base["fault_subscribers"]  # the baseline's healthy peers: same count, no faults
+    assert set(control) == {"healthy1", "healthy2", "healthy3"}
+    assert all(c["exit_code"] == 0 and c["received"] >= 1 for c in control.values())
     fs = faulted["fault_subscribers"]
     assert set(fs) == {"slow", "reconnect", "dying"}
     assert fs["dying"]["exit_code"] == -9

@@ -57,6 +57,7 @@ def options_from_args(args: argparse.Namespace, argv: list[str] | None = None) -
         faults_settle_s=args.faults_settle_s,
         faults_engine=args.faults_engine,
         faults_transport=args.faults_transport,
+        faults_baseline_peers=args.faults_baseline_peers,
         report=Path(args.report) if args.report else None,
         keep_workdir=args.keep_workdir,
         argv=["fluorosam-rt", "bench", *(argv or sys.argv[2:])],
@@ -126,6 +127,12 @@ def add_bench_parser(sub: Any) -> None:
     )
     b.add_argument("--faults-engine", help="engine for the fault run (default: onnxruntime, else torch)")
     b.add_argument("--faults-transport", choices=["tcp", "ipc"], default="tcp", help="mask stream endpoint")
+    b.add_argument(
+        "--faults-baseline-peers",
+        choices=["healthy", "none"],
+        default="healthy",
+        help="baseline phases: 3 healthy peers (same peer count as the faults; default) or none",
+    )
     b.add_argument("--render", metavar="JSON", help="re-render plots/report from an earlier bench.json")
     b.add_argument("--keep-workdir", action="store_true", help="keep node/subscriber logs and configs")
     b.set_defaults(func=cmd_bench)

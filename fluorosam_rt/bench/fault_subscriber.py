@@ -5,7 +5,9 @@ Each kind is a fault a navigation system on the other end of the mask stream can
 * ``slow``: reads one message a second and never drains its queue (default receive HWM), so the
   node's per-peer send queue stays full for the whole phase;
 * ``reconnect``: connects, takes one message, closes the socket, and does it again, in a loop;
-* ``dying``: reads every message like a healthy client until the benchmark SIGKILLs it.
+* ``dying``: reads every message like a healthy client until the benchmark SIGKILLs it;
+* ``healthy``: reads every message until told to stop: the control group, so the baseline has
+  as many peers as the fault phase and the comparison measures the faults, not the peer count.
 
 Each prints one ``{"event": "ready"}`` line once it is connected and has received a message
 (``reconnect``: once it has completed a whole reconnect), so the benchmark starts its
@@ -25,12 +27,13 @@ import time
 from collections.abc import Sequence
 
 KINDS = ("slow", "reconnect", "dying")
+CONTROL_KIND = "healthy"
 POLL_S = 0.2  # every blocking wait is this short, so a stop signal is honoured within it
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fluorosam_rt.bench.fault_subscriber")
-    ap.add_argument("kind", choices=KINDS)
+    ap.add_argument("kind", choices=(*KINDS, CONTROL_KIND))
     ap.add_argument("endpoint")
     ap.add_argument("out", help="counters are written here as JSON on SIGTERM")
     ap.add_argument("--topic", default="")

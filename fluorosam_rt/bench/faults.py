@@ -6,7 +6,10 @@ that nothing leaks. This module measures it on the real node (same setup as the 
 stream at 15 fps, 3 prompts, onnxruntime where it loads) with the benchmark's own fast
 subscriber process, in alternating phases of one run:
 
-* **baseline**: only the fast subscriber is connected;
+* **baseline**: the fast subscriber plus three healthy peers, each in its own process (the
+  control group: the same number of peers as the fault phase, so the ratio measures the faults
+  and not the cost of serving more subscribers; ``--faults-baseline-peers none`` leaves the fast
+  subscriber alone instead);
 * **faults**: the same fast subscriber plus three fault processes (fault_subscriber.py): ``slow``,
   ``reconnect`` and ``dying``, the last SIGKILLed halfway through the phase's window.
 
@@ -38,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from ..flow import STAGES, describe_ms
-from .fault_subscriber import KINDS
+from .fault_subscriber import CONTROL_KIND, KINDS
 from .procs import cpu_seconds, memory_mb, open_fds, thread_count
 from .runner import (
     PROMPT_TEXTS,
@@ -86,22 +89,23 @@ def node_snapshot(pid: int) -> dict[str, Any]:
 
 
 class FaultProcs:
-    """The three fault subscribers of one phase, each in its own process."""
+    """The extra subscribers of one phase (three faults, or three healthy peers), each in its own process."""
 
-    def __init__(self, endpoint: str, folder: Path, tag: str) -> None:
+    def __init__(self, endpoint: str, folder: Path, tag: str, control: bool = False) -> None:
         self.procs: dict[str, subprocess.Popen] = {}
-        self.outs = {k: folder / f"{tag}-{k}.json" for k in KINDS}
+        kinds = [f"{CONTROL_KIND}{n + 1}" for n in range(len(KINDS))] if control else list(KINDS)
+        self.outs = {k: folder / f"{tag}-{k}.json" for k in kinds}
         self.log = open(folder / f"{tag}-faults.log", "w")  # noqa: SIM115
         self.cpu_last: dict[str, float] = {}
         self.killed_at_s: float | None = None
         try:
-            for kind in KINDS:
+            for kind in kinds:
                 self.procs[kind] = subprocess.Popen(
                     [
                         sys.executable,
                         "-m",
                         "fluorosam_rt.bench.fault_subscriber",
-                        kind,
+                        CONTROL_KIND if control else kind,
                         endpoint,
                         str(self.outs[kind]),
                         "--topic",
@@ -213,13 +217,13 @@ def run_faults(
                 f"  faults: phase {i + 1}/{len(plan)} (round {rnd + 1}) {kind:<8} "
                 f"{opts.faults_phase_s:g} s  node RSS {memory_mb(g.node.pid)['rss_mb']:.0f} MiB"
             )
-            if kind == "faults":
-                faults = FaultProcs(g.masks, folder, f"phase{i}")
+            if kind == "faults" or opts.faults_baseline_peers == "healthy":
+                faults = FaultProcs(g.masks, folder, f"phase{i}", control=kind == "baseline")
             time.sleep(opts.faults_settle_s)
             s0, c0, cs0 = stats(g.control), cpu_seconds(g.node.pid), cpu_seconds(g.sub.pid)
             cf0 = faults.cpu() if faults else 0.0
             t0, w0 = time.monotonic_ns(), time.monotonic()
-            if faults:
+            if kind == "faults" and faults:
                 time.sleep(opts.faults_phase_s / 2)
                 faults.kill_dying(time.monotonic() - w0)
                 time.sleep(max(0.0, opts.faults_phase_s - (time.monotonic() - w0)))
@@ -280,6 +284,7 @@ def run_faults(
         "phase_s": opts.faults_phase_s,
         "settle_s": opts.faults_settle_s,
         "rounds": opts.faults_rounds,
+        "baseline_peers": opts.faults_baseline_peers,
         "order": "".join("A" if k == "baseline" else "B" for _, k in plan),
         "phases": phases,
         "node_before": before,

@@ -660,7 +660,13 @@ def faults_markdown(fa: dict[str, Any], image_prefix: str) -> list[str]:
         "",
         f"One node ({fa['engine']}, {fa['fps']:g} fps replay, {fa['prompts']} prompts, mask stream over "
         f"{fa['transport']}) and one fast subscriber process for the whole run. Phases alternate: "
-        "**baseline** (only the fast subscriber) and **faults** (the same fast subscriber plus three "
+        + (
+            "**baseline** (the fast subscriber plus three healthy peers: the same peer count as the "
+            "faults, so the ratio measures the faults) "
+            if fa.get("baseline_peers") == "healthy"
+            else "**baseline** (only the fast subscriber) "
+        )
+        + "and **faults** (the same fast subscriber plus three "
         "processes: one reading one frame a second without draining its queue, one reconnecting in a "
         "loop, and one reading normally that is SIGKILLed halfway through the window). Rounds run "
         "AB, BA, AB, ... so a linear drift in the machine's load weighs on both conditions alike. "

@@ -79,6 +79,7 @@ class BenchOptions:
     faults_settle_s: float = 3.0
     faults_engine: str | None = None
     faults_transport: str = "tcp"
+    faults_baseline_peers: str = "healthy"  # healthy: 3 well-behaved peers in the baseline; none
     report: Path | None = None
     keep_workdir: bool = False
     argv: list[str] = field(default_factory=list)
