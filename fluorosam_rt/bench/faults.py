@@ -47,13 +47,12 @@ from .runner import (
     PROMPT_TEXTS,
     BenchError,
     BenchOptions,
+    FlowLog,
     _delta,
     _env,
     _read_json_line,
-    fetch_flow,
     join_cell,
     resolve_engines,
-    ring_array,
     start_group,
     stats,
     stop_group,
@@ -207,7 +206,7 @@ def run_faults(
     )
     folder = Path(g.sub_out).parent
     windows: list[dict[str, Any]] = []
-    since, ids, ns = 0, [], []
+    flow = FlowLog(g.control)
     faults: FaultProcs | None = None
     try:
         time.sleep(opts.warmup_s)
@@ -235,9 +234,7 @@ def run_faults(
             during = node_snapshot(g.node.pid)
             fault_counters = faults.stop() if faults else {}
             faults = None
-            since, more_ids, more_ns = fetch_flow(g.control, since)
-            ids += more_ids
-            ns += more_ns
+            flow.fetch()
             wall = w1 - w0
             windows.append(
                 {
@@ -261,7 +258,7 @@ def run_faults(
         if faults is not None:
             faults.stop()
         final, sub_rows, counters = stop_group(g)
-    frame_ids, ring = np.asarray(ids, dtype=np.int64), ring_array(ns)
+    frame_ids, ring = flow.arrays()
     phases = []
     for w in windows:
         t0, t1 = w.pop("t0"), w.pop("t1")

@@ -371,6 +371,26 @@ def fetch_flow(control: str, since: int) -> tuple[int, list[int], list[list[int 
             return since, ids, ns
 
 
+class FlowLog:
+    """The node's per-frame stage timestamps, read in pages while a run goes on (the node's ring
+    would overwrite them otherwise), and turned into arrays once at the end."""
+
+    def __init__(self, control: str) -> None:
+        self.control = control
+        self.since = 0
+        self.ids: list[int] = []
+        self.ns: list[list[int | None]] = []
+
+    def fetch(self) -> None:
+        self.since, ids, ns = fetch_flow(self.control, self.since)
+        self.ids += ids
+        self.ns += ns
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(frame ids, ring rows) of everything fetched."""
+        return np.asarray(self.ids, dtype=np.int64), ring_array(self.ns)
+
+
 def stats(control: str) -> dict[str, Any]:
     from ..control import send_command
 
@@ -501,7 +521,7 @@ def run_group(
         budget,
     )
     windows = []
-    since, ids, ns = 0, [], []
+    flow = FlowLog(g.control)
     try:
         from ..control import send_command
 
@@ -518,9 +538,7 @@ def run_group(
             t1, w1 = time.monotonic_ns(), time.monotonic()
             s1, c1, cs1 = stats(g.control), cpu_seconds(g.node.pid), cpu_seconds(g.sub.pid)
             mem, sub_mem = memory_mb(g.node.pid), memory_mb(g.sub.pid)
-            since, more_ids, more_ns = fetch_flow(g.control, since)
-            ids += more_ids
-            ns += more_ns
+            flow.fetch()
             wall = w1 - w0
             windows.append(
                 {
@@ -544,7 +562,7 @@ def run_group(
             )
     finally:
         final, sub_rows, counters = stop_group(g)
-    frame_ids, ring = np.asarray(ids, dtype=np.int64), ring_array(ns)
+    frame_ids, ring = flow.arrays()
     cells = []
     for w in windows:
         t0, t1 = w.pop("t0"), w.pop("t1")
@@ -671,7 +689,7 @@ def run_soak(
         work, "soak", opts, engine, 15.0, frames_dir, checkpoint, PROMPT_TEXTS[:3], duration + 300
     )
     samples = []
-    since, ids, ns = 0, [], []
+    flow = FlowLog(g.control)
     try:
         time.sleep(opts.warmup_s)
         t_begin = time.monotonic()
@@ -680,9 +698,7 @@ def run_soak(
             time.sleep(min(opts.soak_interval_s, max(0.05, duration - (time.monotonic() - t_begin))))
             t_now = time.monotonic_ns()
             s_now = stats(g.control)
-            since, more_ids, more_ns = fetch_flow(g.control, since)
-            ids += more_ids
-            ns += more_ns
+            flow.fetch()
             mem = memory_mb(g.node.pid)
             samples.append(
                 {
@@ -701,7 +717,7 @@ def run_soak(
             s_prev, t_prev = s_now, t_now
     finally:
         final, sub_rows, counters = stop_group(g)
-    frame_ids, ring = np.asarray(ids, dtype=np.int64), ring_array(ns)
+    frame_ids, ring = flow.arrays()
     for s in samples:
         j = join_cell(frame_ids, ring, sub_rows, s.pop("t0"), s.pop("t1"))
         s.update({k: j[k] for k in ("p50_ms", "p95_ms", "p99_ms", "max_ms", "joined") if k in j})
