@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import time
 from collections.abc import Sequence
+
+from fluorosam_rt.bench.procs import stop_on_signals
 
 KINDS = ("slow", "reconnect", "dying")
 CONTROL_KIND = "healthy"
@@ -42,18 +43,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from bridge import Subscriber, SubscriberTimeout
 
-    stop = {"flag": False}
-
-    def on_signal(_sig: int, _frm: object) -> None:
-        stop["flag"] = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = stop_on_signals()
     counters = {"kind": args.kind, "received": 0, "reconnects": 0, "lost": 0, "errors": 0}
 
     def one(sub: Subscriber) -> bool:
         """Wait for one message (oldest queued first) until it comes or we are told to stop."""
-        while not stop["flag"]:
+        while not stop.is_set():
             try:
                 sub.receive(timeout=POLL_S, newest=False)
             except SubscriberTimeout:
@@ -70,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.kind == "reconnect":
         announced = False
-        while not stop["flag"]:
+        while not stop.is_set():
             with Subscriber(args.endpoint, topic=args.topic) as sub:
                 if one(sub):
                     counters["reconnects"] += 1
@@ -82,10 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         with Subscriber(args.endpoint, topic=args.topic) as sub:
             if one(sub):
                 ready()
-            while not stop["flag"]:
+            while not stop.is_set():
                 if args.kind == "slow":
                     t_next = time.monotonic() + args.period
-                    while not stop["flag"] and time.monotonic() < t_next:
+                    while not stop.is_set() and time.monotonic() < t_next:
                         time.sleep(min(POLL_S, max(0.0, t_next - time.monotonic())))
                 one(sub)
             counters["lost"] = sub.lost

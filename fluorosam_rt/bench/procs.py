@@ -7,6 +7,8 @@ are not charged to the cell; no psutil needed.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from pathlib import Path
 
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -57,3 +59,12 @@ def thread_count(pid: int) -> int:
         if line.startswith("Threads:"):
             return int(line.split()[1])
     return 0
+
+
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGTERM or SIGINT: the benchmark's helper processes poll it to end cleanly
+    and write their counters (a handler that raised would cut them off mid-write)."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda _sig, _frm: stop.set())
+    return stop

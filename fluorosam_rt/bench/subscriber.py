@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import time
 from collections.abc import Sequence
 
 import numpy as np
+
+from fluorosam_rt.bench.procs import stop_on_signals
 
 COLUMNS = ("frame_id", "seq", "recv_mono_ns", "recv_wall_ns", "source_wall_ns", "prompts")
 
@@ -32,20 +33,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from bridge import Subscriber, SubscriberTimeout
 
-    stop = {"flag": False}
-
-    def on_signal(_sig: int, _frm: object) -> None:
-        stop["flag"] = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = stop_on_signals()
     rows = np.zeros((4096, len(COLUMNS)), dtype=np.int64)
     n = 0
     errors = 0
     with Subscriber(args.endpoint, topic=args.topic, rcvhwm=args.rcvhwm) as sub:
         time.sleep(0.2)  # the subscription reaches the publisher before the node starts
         print(json.dumps({"event": "ready"}), flush=True)
-        while not stop["flag"]:
+        while not stop.is_set():
             try:
                 msg = sub.receive(timeout=0.2, newest=False)
             except SubscriberTimeout:
