@@ -139,14 +139,8 @@ class Projector:
             lstack = self._stack("lab", self._main_axis(self.vol.labels_affine, beam))
             bits = torch.zeros(lstack.data.shape[1], h * w, dtype=torch.int32, device=dev)
             for samples, _ in lstack.march(src, dirs, "nearest", self.chunk):
-                s = samples.to(torch.int32)
-                while s.shape[0] > 1:  # pairwise OR tree: log2(chunk) tensor ops instead of one per slice
-                    half = s.shape[0] // 2
-                    rest = s[2 * half :]
-                    s = s[:half] | s[half : 2 * half]
-                    if rest.shape[0]:
-                        s = torch.cat([s, rest])
-                bits |= s[0]
+                for s in samples.to(torch.int32):
+                    bits |= s
             shifts = torch.arange(BITS_PER_CHANNEL, dtype=torch.int32, device=dev)
             unpacked = (bits[:, None, :] >> shifts[None, :, None]) & 1  # (C, 24, R)
             hits = unpacked.reshape(-1, h * w)[:n_lab].bool()
