@@ -196,7 +196,7 @@ def test_prompts_change_mid_stream_and_text_is_never_encoded_on_the_frame_path(t
 # --------------------------------------------------------------------------- slow subscribers
 
 
-def test_slow_subscriber_gets_fresh_frames_and_does_not_slow_the_node(tmp_path, bundle):
+def test_slow_subscriber_backlog_is_bounded_and_does_not_slow_the_node(tmp_path, bundle):
     for i in range(5):
         cv2.imwrite(
             str(tmp_path / f"{i}.png"), np.random.default_rng(i).integers(0, 255, (192, 192), np.uint8)
@@ -210,12 +210,15 @@ def test_slow_subscriber_gets_fresh_frames_and_does_not_slow_the_node(tmp_path, 
         try:
             fast.receive(timeout=20)
             t0, pub0 = time.monotonic(), app.node.accounting.snapshot()["published"]
-            staleness = []
-            for _ in range(5):
-                time.sleep(0.4)  # a consumer that reads 2.5 frames a second
-                msg = slow.receive(timeout=5)
-                newest = app.node.publisher.seq - 1
-                staleness.append(newest - msg.seq)
+            backlog = []
+            for _ in range(8):
+                before = app.node.publisher.seq
+                time.sleep(0.6)  # a consumer that reads 1.7 frames a second
+                msg = slow.receive(timeout=5, newest=False)  # the oldest queued: no draining
+                # How far behind the sequence at the start of this read's sleep the delivered
+                # message is: what the HWMs and kernel buffers held, independent of how long the
+                # sleep really took on a loaded machine.
+                backlog.append(before - 1 - msg.seq)
             rate = (app.node.accounting.snapshot()["published"] - pub0) / (time.monotonic() - t0)
             stats = app.node.stats()
         finally:
@@ -224,11 +227,12 @@ def test_slow_subscriber_gets_fresh_frames_and_does_not_slow_the_node(tmp_path, 
     assert rate >= 0.6 * 12, rate
     # ... publishing never waited on the subscriber ...
     assert stats["latency"]["publish_wait"]["p99_ms"] < 50
-    # ... and the slow reader sees frames a few messages old, not a growing backlog.
-    # Staleness = frames published while the reader slept (~5 at 12 fps) + what the HWMs and
-    # kernel buffers hold (~4); a growing backlog would add ~5 per read and reach ~25.
-    assert max(staleness[1:]) <= 12, staleness
-    assert slow.skipped > 0
+    # ... and the slow reader's backlog levels off at what the two HWMs and the 64 KiB kernel
+    # buffers on each side hold (13-14 messages measured), where a queue that kept everything
+    # grows by every frame published during a read (~6 at 12 fps: 44 by the eighth read).
+    assert max(backlog) <= 20, backlog
+    assert backlog[-1] <= max(backlog[2:5]) + 3, backlog  # levelled off, not still growing
+    assert slow.lost > 0  # the HWM dropped what the reader had no time for
 
 
 # --------------------------------------------------------------------------- faults
