@@ -12,6 +12,7 @@ import pytest
 
 from train.cli import main
 from train.synth.fluoroseg_io import decode_masks, iter_images, read_split
+from train.synth.geometry import Camera
 
 
 def _phantom_files(tmp: Path) -> Path:
@@ -82,3 +83,24 @@ def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "not found" in capsys.readouterr().err
     assert main([*base, "--ct", str(ct), "--structures", "left_lung,hart"]) == 2
     assert "unknown structure name 'hart'" in capsys.readouterr().err
+
+
+def test_cli_synth_radiograph_views(tmp_path: Path) -> None:
+    """--p-radiograph 1: every view is a whole-chest radiograph with a rectangular field."""
+    ct = _phantom_files(tmp_path)
+    out = tmp_path / "r"
+    args = ["synth", "--ct", str(ct), "--n", "3", "--size", "48", "--images-per-case", "3", "--no-progress"]
+    assert main([*args, "--out", str(out), "--p-radiograph", "1", "--contact-sheet", "0"]) == 0
+    case = json.loads((out / "case_00000" / "case.json").read_text())
+    lungs = np.array([[27.0, 0.0, 0.0], [-27.0, 0.0, 0.0]])  # the two lobes' centres, world mm
+    for info in case["images"]:
+        cam, phys = info["camera"], info["physics"]
+        assert cam["view"] == "radiograph"
+        assert phys["collimator_radius"] is None
+        assert 950.0 <= cam["sdd"] <= 1830.0
+        assert 1.05 <= cam["sdd"] / cam["sod"] <= 1.3  # chest near the detector, unlike a C-arm
+        assert 350.0 <= cam["pixel_size"] * 48 <= 430.0
+        # Aimed at the lungs: both lobes' centres project inside the middle of the image.
+        uv = Camera.from_json(cam).project(lungs)
+        assert np.all((uv > 8) & (uv < 40)), uv
+    assert main([*args, "--out", str(tmp_path / "bad"), "--p-radiograph", "1.5"]) == 2

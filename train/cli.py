@@ -47,6 +47,13 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
         default=180.0,
         help="largest rotation (degrees) of a user mesh away from its file's orientation",
     )
+    p.add_argument(
+        "--p-radiograph",
+        type=float,
+        default=0.0,
+        help="share of chest-radiograph views (whole thorax, 1.0-1.8 m source distance, no round "
+        "collimator) among the C-arm views (default 0)",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run_synth)
 
@@ -78,9 +85,10 @@ def _run_synth(args: argparse.Namespace) -> int:
         backend=args.backend,
         tool_stl=list(args.tool_stl),
         stl_max_angle_deg=args.tool_stl_max_angle,
+        p_radiograph=args.p_radiograph,
     )
-    if cfg.n < 1 or cfg.size < 8:
-        print("error: --n must be >= 1 and --size >= 8", file=sys.stderr)
+    if cfg.n < 1 or cfg.size < 8 or not 0.0 <= cfg.p_radiograph <= 1.0:
+        print("error: --n must be >= 1, --size >= 8 and --p-radiograph in [0, 1]", file=sys.stderr)
         return 2
     if cfg.backend == "deepdrr":
         from train.synth.deepdrr_backend import deepdrr_unavailable_reason

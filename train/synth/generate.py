@@ -1,7 +1,8 @@
 """Dataset generation: scenarios (tool sets) per case, views per image, parallel workers, progress bar.
 
 Determinism: every case and image draws from ``numpy.random.default_rng([seed, case, image])`` and a torch
-generator seeded the same way, so the output does not depend on the number of workers or their scheduling.
+generator seeded the same way, so views, masks and noise do not depend on the number of workers or their
+scheduling (pixel values only up to float rounding, which follows the threads per worker).
 """
 
 from __future__ import annotations
@@ -20,9 +21,14 @@ import torch
 from train.synth.annotate import build_annotations
 from train.synth.backend import make_backend
 from train.synth.fluoroseg_io import write_case, write_image, write_splits
-from train.synth.geometry import Camera, sample_camera
+from train.synth.geometry import Camera, sample_camera, sample_radiograph_camera
 from train.synth.mesh import STLSpec, make_mesh_tool, read_stl
-from train.synth.physics import PhysicsParams, collimator_mask, sample_physics
+from train.synth.physics import (
+    PhysicsParams,
+    collimator_mask,
+    sample_physics,
+    sample_radiograph_physics,
+)
 from train.synth.projector import RayTool
 from train.synth.tools import sample_tools
 from train.synth.vocabulary import Vocabulary
@@ -47,6 +53,9 @@ class SynthConfig:
     density_spacing_mm: float = 2.0
     label_spacing_mm: float = 1.5
     p_no_tools: float = 0.3
+    # Share of chest-radiograph views (whole thorax, long source distance, no round collimator) among
+    # the C-arm ones; 0 draws nothing extra, so older data sets regenerate with the same views and masks.
+    p_radiograph: float = 0.0
     backend: str = "torch"  # "torch" (ours) or "deepdrr" (optional, CUDA)
     tool_stl: list[str] = field(default_factory=list)  # PATH[:material[:name]], placed in every case
     stl_max_angle_deg: float = 180.0  # user meshes turn at most this far from their file's orientation
@@ -60,6 +69,16 @@ def anchor_points(vol: PreparedVolume, margin_mm: float = 40.0) -> np.ndarray:
     lo, hi = w.min(0) + margin_mm, w.max(0) - margin_mm
     pts = [c for c in vol.anchors.values() if np.all(c[2] >= lo[2]) and np.all(c[2] <= hi[2])]
     return np.stack(pts) if pts else np.stack(list(vol.anchors.values()))
+
+
+def chest_center(vol: PreparedVolume, vocab: Vocabulary) -> np.ndarray:
+    """Where a chest radiograph is aimed: the centroid of the lung lobes, or the CT's centre without them."""
+    lung_ids = {vocab.by_name[n].id for n in vocab.leaves("lungs")}
+    pts = [c for i, c in vol.anchors.items() if i in lung_ids]
+    if pts:
+        return np.mean(np.stack(pts), axis=0)
+    shape = np.array(vol.materials.shape[2:], dtype=np.float64) - 1
+    return (vol.materials_affine @ np.append(shape / 2, 1.0))[:3]
 
 
 class Renderer:
@@ -81,6 +100,7 @@ class Renderer:
         self.projector = self.backend.projector
         self.keep_ids = keep_ids
         self.anchors = anchor_points(vol)
+        self.chest_center = chest_center(vol, vocab)
         self.stl_specs = list(stl_specs or [])
         self.stl_meshes = [read_stl(s.path) for s in self.stl_specs]
         self.stl_max_angle_deg = stl_max_angle_deg
@@ -148,7 +168,7 @@ def _case_name(i: int) -> str:
 
 
 def render_case(
-    case: int, n_images: int, seed: int, size: int, out: str, p_no_tools: float
+    case: int, n_images: int, seed: int, size: int, out: str, p_no_tools: float, p_radiograph: float = 0.0
 ) -> dict[str, Any]:
     """Render and write one case (a CT plus one tool scenario, several views); returns its summary."""
     r: Renderer = _WORKER["r"]
@@ -160,8 +180,12 @@ def render_case(
     t0 = time.perf_counter()
     for j in range(n_images):
         irng = np.random.default_rng([seed, case, j])
-        cam = sample_camera(irng, r.anchors, size=size)
-        phys = sample_physics(irng, size)
+        if p_radiograph > 0 and irng.random() < p_radiograph:
+            cam = sample_radiograph_camera(irng, r.chest_center, size=size)
+            phys = sample_radiograph_physics(irng, size)
+        else:
+            cam = sample_camera(irng, r.anchors, size=size)
+            phys = sample_physics(irng, size)
         gen = torch.Generator(device=r.projector.device).manual_seed(int(irng.integers(2**62)))
         image_id = case * 100000 + j
         img, ann, _ = r.render(cam, tools, phys, image_id, gen)
@@ -234,6 +258,7 @@ def generate(cfg: SynthConfig, progress: bool = True) -> dict[str, Any]:
             cfg.size,
             str(out),
             cfg.p_no_tools,
+            cfg.p_radiograph,
         )
         for c in range(n_cases)
     ]

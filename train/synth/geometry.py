@@ -188,3 +188,31 @@ def sample_camera(
         table_shift=tuple(float(x) for x in shift),
         view=kind,
     )
+
+
+def sample_radiograph_camera(rng: np.random.Generator, chest_center: np.ndarray, size: int = 256) -> Camera:
+    """A chest radiograph instead of a C-arm shot: the whole thorax on a large detector near the patient.
+
+    Radiographs are where the real evaluation images come from, and their geometry is unlike a C-arm's:
+    the source is 1.0 m (bedside AP) to 1.8 m (erect PA) away, the chest is 11-20 cm from the detector
+    (magnification 1.07-1.25 rather than the C-arm's ~1.5) and a 35-43 cm detector shows both lungs at
+    once. The image keeps the standard display (patient's left on the image's right), so the pose stays
+    near 0°/0° with the small tilts of a patient who is not perfectly upright.
+    """
+    sdd = float(rng.uniform(1500.0, 1830.0) if rng.random() < 0.6 else rng.uniform(950.0, 1150.0))
+    odd = float(rng.uniform(110.0, 200.0))  # chest centre to detector
+    det = float(rng.uniform(350.0, 430.0))
+    shift = rng.normal(0.0, 10.0, size=3)
+    iso = np.asarray(chest_center, dtype=np.float64) + shift
+    return Camera(
+        height=size,
+        width=size,
+        pixel_size=det / size,
+        sdd=sdd,
+        sod=sdd - odd,
+        primary_deg=float(rng.normal(0.0, 3.0)),
+        secondary_deg=float(rng.normal(0.0, 5.0)),
+        isocenter=tuple(float(x) for x in iso),
+        table_shift=tuple(float(x) for x in shift),
+        view="radiograph",
+    )

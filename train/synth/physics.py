@@ -99,6 +99,29 @@ def sample_physics(rng: np.random.Generator, size: int) -> PhysicsParams:
     )
 
 
+def sample_radiograph_physics(rng: np.random.Generator, size: int) -> PhysicsParams:
+    """Acquisition of a chest radiograph (CR/DX): higher kVp, an anti-scatter grid, no round collimator.
+
+    Erect PA chests are taken at 100-125 kVp behind a grid (less scatter), bedside AP ones at 80-100 kVp
+    often without one; the field is rectangular, so there is no image-intensifier circle.
+    """
+    kvp = int(rng.choice([80, 90, 100, 110, 120]))
+    return PhysicsParams(
+        kvp=kvp,
+        cu_mm=float(rng.choice([0.0, 0.1, 0.2])),
+        photons_per_pixel=float(10 ** rng.uniform(3.8, 5.0)),
+        electronic_noise=float(rng.uniform(0.0, 3.0)),
+        blur_px=float(rng.uniform(0.3, 1.0) * size / 256),
+        scatter_fraction=float(rng.uniform(0.03, 0.3)),
+        scatter_sigma_px=float(rng.uniform(15.0, 40.0) * size / 256),
+        collimator_radius=None,
+        collimator_center=(0.5, 0.5),
+        gamma=float(np.exp(rng.normal(0.3, 0.3))),
+        window_lo=float(rng.uniform(0.02, 0.3)),
+        window_hi=float(rng.uniform(0.97, 1.0)),
+    )
+
+
 def _gauss_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
     if sigma <= 0.05:
         return img
