@@ -108,6 +108,41 @@ def test_eval_prompts_override_on_labelled_folder(tmp_path: Path, toy: Path) -> 
     assert all(r["prompt"] in {"both lungs", "L lung", "R lung"} for r in ev["cases"])
 
 
+def test_calibration_pools_several_roots(toy: Path, tmp_path: Path) -> None:
+    """The presence gate is fitted to the scores of every root at once, not to the first alone."""
+    import math
+
+    from fluorosam_rt.bundle import load_bundle
+    from fluorosam_rt.predictor import calibrate_presence_threshold
+    from train.evaluate import EvalOptions, calibrate_checkpoint, make_predictor, run_cases
+    from train.fluoroseg import FluoroSegDataset
+
+    fit(_cfg(tmp_path, toy, "run", max_steps=1))
+    ckpt = str(tmp_path / "run" / "model.safetensors")
+    other = write_toy_fluoroseg(tmp_path / "other", n_train=1, n_val=3, size=64, seed=5)
+    opt = EvalOptions(clicks=())
+    predictor, _ = make_predictor(ckpt)
+    predictor.presence_threshold = -math.inf
+    per_root = [run_cases(predictor, FluoroSegDataset(root, "val"), opt, False) for root in (toy, other)]
+
+    def gate(rows: list[dict]) -> float:
+        pres = [r["score"] for r in rows if r["present"]]
+        return calibrate_presence_threshold(pres, [r["score"] for r in rows if not r["present"]], 0.05)
+
+    pooled = gate(per_root[0] + per_root[1])
+    # List first the root whose own gate differs from the pooled one, so that a calibration that
+    # read only the first root would fail here.
+    roots = [str(toy), str(other)]
+    if gate(per_root[0]) == pytest.approx(pooled):
+        roots.reverse()
+        assert gate(per_root[1]) != pytest.approx(pooled)
+    t = calibrate_checkpoint(ckpt, roots, "val", opt, 0.05)
+    assert t == pytest.approx(pooled)
+    meta = load_bundle(ckpt).meta["presence_calibration"]
+    assert meta["data"] == roots
+    assert load_bundle(ckpt).presence_threshold == pytest.approx(pooled)
+
+
 @pytest.mark.slow
 def test_resume_continues_exactly(toy: Path, tmp_path: Path) -> None:
     straight = _cfg(tmp_path, toy, "a", max_steps=4, ckpt_every=2)

@@ -202,6 +202,46 @@ class LabelledFolder(XrayDataset):
         return CaseData(case, image, masks, self.absent(i), self.case_meta(i))
 
 
+class ConcatXray(XrayDataset):
+    """Several data sets read as one (their structure tables are merged)."""
+
+    def __init__(self, sets: list[XrayDataset]) -> None:
+        self.sets = sets
+        self.structures = {}
+        for s in sets:
+            self.structures.update(s.structures)
+        self.complete_labels = all(s.complete_labels for s in sets)
+        self._offsets = np.cumsum([0] + [len(s) for s in sets])
+
+    def _loc(self, i: int) -> tuple[XrayDataset, int]:
+        k = int(np.searchsorted(self._offsets, i, side="right") - 1)
+        return self.sets[k], i - int(self._offsets[k])
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def case_id(self, i: int) -> str:
+        s, j = self._loc(i)
+        return s.case_id(j)
+
+    def present(self, i: int) -> list[str]:
+        s, j = self._loc(i)
+        return s.present(j)
+
+    def absent(self, i: int) -> list[str]:
+        s, j = self._loc(i)
+        return s.absent(j)
+
+    def area_fraction(self, i: int, name: str) -> float:
+        s, j = self._loc(i)
+        fn = getattr(s, "area_fraction", None)
+        return fn(j, name) if fn is not None else 1.0
+
+    def load(self, i: int, names=None):
+        s, j = self._loc(i)
+        return s.load(j, names)
+
+
 def open_dataset(path: str | Path, prompts: str | Path | None = None) -> XrayDataset:
     """Pick the reader by layout: FluoroSeg if its annotation files exist, else the labelled folder."""
     root = Path(path)

@@ -16,6 +16,7 @@ import itertools
 import json
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from fluorosam_rt.prompts import Prompt
-from train.data import XrayDataset, open_dataset
+from train.data import ConcatXray, XrayDataset, open_dataset
 from train.prompt_sampling import eval_click
 
 CLICK_COUNTS = (1, 3, 8)
@@ -458,17 +459,27 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def calibrate_checkpoint(
-    checkpoint: str, data: str, split: str, opt: EvalOptions, max_fpr: float = 0.05
+    checkpoint: str, data: str | Sequence[str], split: str, opt: EvalOptions, max_fpr: float = 0.05
 ) -> float:
-    """Calibrate on a FluoroSeg split and rewrite the native checkpoint with the threshold in its meta."""
+    """Calibrate on FluoroSeg split(s) and rewrite the native checkpoint with the threshold in its meta.
+
+    Several roots are pooled: a gate calibrated on C-arm views alone need not hold on radiographs.
+    """
     from fluorosam_rt.checkpoint import load_native, save_native
     from train.fluoroseg import FluoroSegDataset
 
+    roots = [data] if isinstance(data, str) else list(data)
+    sets = [FluoroSegDataset(r, split) for r in roots]
     predictor, _ = make_predictor(checkpoint)
-    t = calibrate(predictor, FluoroSegDataset(data, split), opt, max_fpr)
+    t = calibrate(predictor, sets[0] if len(sets) == 1 else ConcatXray(sets), opt, max_fpr)
     nm = load_native(checkpoint)
     meta = dict(nm.meta)
     meta["presence_threshold"] = float(t)
-    meta["presence_calibration"] = {"data": str(data), "split": split, "cases": opt.cases, "max_fpr": max_fpr}
+    meta["presence_calibration"] = {
+        "data": [str(r) for r in roots],
+        "split": split,
+        "cases": opt.cases,
+        "max_fpr": max_fpr,
+    }
     save_native(nm.model, checkpoint, nm.text_encoder, meta)
     return float(t)

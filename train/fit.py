@@ -35,7 +35,14 @@ from torch import nn
 from fluorosam_rt.model.config import ModelConfig, load_model_config, small_realtime
 from fluorosam_rt.model.sam import FluoroSAM
 from train.augment import AugmentConfig
-from train.data import TextFeatureBank, XrayDataset, all_prompt_texts, open_dataset, preprocess_for
+from train.data import (
+    ConcatXray,
+    TextFeatureBank,
+    XrayDataset,
+    all_prompt_texts,
+    open_dataset,
+    preprocess_for,
+)
 from train.losses import LossConfig, segmentation_loss
 from train.prompt_sampling import PromptedImages, PromptSamplingConfig, collate, training_clicks
 
@@ -327,46 +334,6 @@ def _training_datasets(cfg: FitConfig) -> XrayDataset:
     if not sets:
         raise ValueError("no training data: set data: [...] in the config or pass --data")
     return sets[0] if len(sets) == 1 else ConcatXray(sets)
-
-
-class ConcatXray(XrayDataset):
-    """Several data sets read as one (their structure tables are merged)."""
-
-    def __init__(self, sets: list[XrayDataset]) -> None:
-        self.sets = sets
-        self.structures = {}
-        for s in sets:
-            self.structures.update(s.structures)
-        self.complete_labels = all(s.complete_labels for s in sets)
-        self._offsets = np.cumsum([0] + [len(s) for s in sets])
-
-    def _loc(self, i: int) -> tuple[XrayDataset, int]:
-        k = int(np.searchsorted(self._offsets, i, side="right") - 1)
-        return self.sets[k], i - int(self._offsets[k])
-
-    def __len__(self) -> int:
-        return int(self._offsets[-1])
-
-    def case_id(self, i: int) -> str:
-        s, j = self._loc(i)
-        return s.case_id(j)
-
-    def present(self, i: int) -> list[str]:
-        s, j = self._loc(i)
-        return s.present(j)
-
-    def absent(self, i: int) -> list[str]:
-        s, j = self._loc(i)
-        return s.absent(j)
-
-    def area_fraction(self, i: int, name: str) -> float:
-        s, j = self._loc(i)
-        fn = getattr(s, "area_fraction", None)
-        return fn(j, name) if fn is not None else 1.0
-
-    def load(self, i: int, names=None):
-        s, j = self._loc(i)
-        return s.load(j, names)
 
 
 def save_checkpoint(

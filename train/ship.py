@@ -1,8 +1,8 @@
 """Turn a trained run into the embedded default model: calibrate, install, cache the vocabulary's tokens.
 
-``python -m train.ship --checkpoint runs/x/model.safetensors --calib-data <FluoroSeg root>``
+``python -m train.ship --checkpoint runs/x/model.safetensors --calib-data <FluoroSeg root> [...]``
 
-1. The presence threshold is calibrated on the synthetic validation split (the even-numbered
+1. The presence threshold is calibrated on the synthetic validation split(s) (the even-numbered
    images, so the odd ones stay a held-out check of the false-positive rate) and written into
    the file's metadata, which is where ``load_bundle`` reads it.
 2. The file is copied to ``fluorosam_rt/assets/default_model.safetensors`` (size checked).
@@ -22,7 +22,9 @@ import torch
 MAX_BYTES = 25 * 1024 * 1024
 
 
-def ship(checkpoint: str, calib_data: str, cases: str = "even", max_fpr: float = 0.05) -> dict[str, object]:
+def ship(
+    checkpoint: str, calib_data: str | list[str], cases: str = "even", max_fpr: float = 0.05
+) -> dict[str, object]:
     from fluorosam_rt.bundle import ASSETS_DIR, DEFAULT_MODEL_PATH, load_bundle
     from fluorosam_rt.predictor import token_identity
     from fluorosam_rt.prompts import PromptCache, prompt_texts_from_yaml
@@ -60,7 +62,12 @@ def ship(checkpoint: str, calib_data: str, cases: str = "even", max_fpr: float =
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--calib-data", required=True, help="FluoroSeg root(s) with a val split")
+    ap.add_argument(
+        "--calib-data",
+        required=True,
+        action="append",
+        help="FluoroSeg root with a val split (repeatable: the roots are pooled)",
+    )
     ap.add_argument("--cases", default="even", choices=["all", "even", "odd"])
     ap.add_argument("--max-fpr", type=float, default=0.05)
     a = ap.parse_args()
