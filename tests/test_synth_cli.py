@@ -104,3 +104,28 @@ def test_cli_synth_radiograph_views(tmp_path: Path) -> None:
         uv = Camera.from_json(cam).project(lungs)
         assert np.all((uv > 8) & (uv < 40)), uv
     assert main([*args, "--out", str(tmp_path / "bad"), "--p-radiograph", "1.5"]) == 2
+
+
+def test_cli_synth_min_path_trims_only_that_structure(tmp_path: Path) -> None:
+    """--min-path lungs=MM: lung masks keep the rays that run deep in lung; images and other masks stay."""
+    ct = _phantom_files(tmp_path)
+    args = ["synth", "--ct", str(ct), "--n", "2", "--size", "48", "--images-per-case", "2", "--no-progress"]
+    args += ["--seed", "3", "--contact-sheet", "0"]
+    assert main([*args, "--out", str(tmp_path / "any")]) == 0
+    assert main([*args, "--out", str(tmp_path / "deep"), "--min-path", "lungs=30"]) == 0
+    trimmed = 0
+    pairs = zip(iter_images(tmp_path / "any", "train"), iter_images(tmp_path / "deep", "train"))
+    for (img_a, rec_a), (img_b, rec_b) in pairs:
+        assert np.array_equal(img_a, img_b)  # the same projection; only the lung labels differ
+        a, b = decode_masks(rec_a), decode_masks(rec_b)
+        for cid in (10, 12, 201):  # left upper lobe, right upper lobe, lungs
+            if cid in b:
+                assert cid in a
+                assert not np.any(b[cid] & ~a[cid])  # a subset: never adds pixels
+                trimmed += int(a[cid].sum() - b[cid].sum())
+        if 38 in a:  # the vertebra has no threshold
+            assert np.array_equal(a[38], b[38])
+    assert trimmed > 0
+    for bad in ("lungs", "lungs=-1", "=30", "lungs=x"):
+        assert main([*args, "--out", str(tmp_path / "bad"), "--min-path", bad]) == 2
+    assert main([*args, "--out", str(tmp_path / "bad"), "--min-path", "lugns=30"]) == 2

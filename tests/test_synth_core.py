@@ -120,6 +120,37 @@ def test_projector_line_integral_matches_analytic_chord() -> None:
     assert inter / max(bone.sum().item(), 1) > 0.85
 
 
+def test_projector_group_path_length_matches_analytic_chord() -> None:
+    """path_groups: each ray's length inside a union of labels, from the same pass as the masks."""
+    vol = prepare_volume(_phantom(), density_spacing_mm=None, label_spacing_mm=None)
+    proj = Projector(vol, path_groups={"ball": [51], "both": [5, 51], "absent": [99]})
+    cam = Camera(32, 32, 4.0, 1000.0, 600.0, 0.0, 0.0, (0.0, 0.0, 0.0))
+    out = proj.project(cam)
+    assert set(out.group_paths) == {"ball", "both"}  # no id of "absent" is in the CT
+    ball = out.group_paths["ball"].numpy()
+    # Analytic chord of each pixel's ray through the ball (centre at the origin, radius 8 voxels of 2 mm).
+    pix = cam.pixel_world().numpy().reshape(-1, 3)
+    d = pix - cam.source
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    miss = np.linalg.norm(np.cross(d, -cam.source), axis=1)  # distance of the ray from the centre
+    chord = (2 * np.sqrt(np.clip(16.0**2 - miss**2, 0, None))).reshape(32, 32)
+    inner = chord > 8.0
+    assert inner.sum() > 50
+    err = (ball - chord)[inner]  # nearest-voxel sampling: up to two 2-mm voxels at an edge, unbiased
+    assert np.abs(err).mean() < 2.0, err
+    assert np.abs(err).max() < 5.0, err
+    assert abs(err.mean()) < 1.0, err
+    assert np.all(ball[chord == 0] == 0)
+    # Where the ray crosses a label the path is positive, and the group of both labels adds the slab.
+    hits = out.label_hits[out.label_ids.index(51)].numpy()
+    assert np.array_equal(hits, ball > 0)
+    both = out.group_paths["both"].numpy()
+    slab = out.label_hits[out.label_ids.index(5)].numpy()
+    assert np.all(both >= ball - 1e-4)
+    assert np.all(both[slab & ~hits] > 0)
+    assert abs(float(np.median(both[slab & ~hits])) - 72.0) < 6.0  # the slab is 72 mm deep along the beam
+
+
 def test_tool_path_length_and_mask() -> None:
     ct = _phantom()
     vol = prepare_volume(ct)

@@ -54,8 +54,31 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
         help="share of chest-radiograph views (whole thorax, 1.0-1.8 m source distance, no round "
         "collimator) among the C-arm views (default 0)",
     )
+    p.add_argument(
+        "--min-path",
+        action="append",
+        default=[],
+        metavar="NAME=MM",
+        help="keep a structure's (or group's) mask only where the ray runs at least MM mm inside it, "
+        "e.g. lungs=30 for the lung fields a reader sees (repeatable; default: any crossing)",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run_synth)
+
+
+def _min_paths(specs: list[str]) -> dict[str, float]:
+    """``["lungs=30", ...]`` -> ``{"lungs": 30.0}``; ValueError with the offending spec otherwise."""
+    out: dict[str, float] = {}
+    for spec in specs:
+        name, _, mm = spec.partition("=")
+        try:
+            value = float(mm)
+        except ValueError:
+            value = float("nan")
+        if not name.strip() or not value > 0:
+            raise ValueError(f"--min-path wants NAME=MM with MM > 0 (e.g. lungs=30), got {spec!r}")
+        out[name.strip()] = value
+    return out
 
 
 def _run_synth(args: argparse.Namespace) -> int:
@@ -67,6 +90,11 @@ def _run_synth(args: argparse.Namespace) -> int:
     from train.synth.mesh import STLError
     from train.synth.vocabulary import UnknownStructureError, Vocabulary
 
+    try:
+        min_path = _min_paths(args.min_path)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -86,6 +114,7 @@ def _run_synth(args: argparse.Namespace) -> int:
         tool_stl=list(args.tool_stl),
         stl_max_angle_deg=args.tool_stl_max_angle,
         p_radiograph=args.p_radiograph,
+        min_path_mm=min_path,
     )
     if cfg.n < 1 or cfg.size < 8 or not 0.0 <= cfg.p_radiograph <= 1.0:
         print("error: --n must be >= 1, --size >= 8 and --p-radiograph in [0, 1]", file=sys.stderr)

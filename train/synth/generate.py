@@ -56,6 +56,10 @@ class SynthConfig:
     # Share of chest-radiograph views (whole thorax, long source distance, no round collimator) among
     # the C-arm ones; 0 draws nothing extra, so older data sets regenerate with the same views and masks.
     p_radiograph: float = 0.0
+    # Structure/group name -> mm: its masks keep only pixels whose ray runs at least this far inside it
+    # (e.g. {"lungs": 30}: the lung fields a reader sees, not every ray that grazes lung).
+    # Empty: any crossing.
+    min_path_mm: dict[str, float] = field(default_factory=dict)
     backend: str = "torch"  # "torch" (ours) or "deepdrr" (optional, CUDA)
     tool_stl: list[str] = field(default_factory=list)  # PATH[:material[:name]], placed in every case
     stl_max_angle_deg: float = 180.0  # user meshes turn at most this far from their file's orientation
@@ -93,11 +97,15 @@ class Renderer:
         backend: str = "torch",
         stl_specs: list[STLSpec] | None = None,
         stl_max_angle_deg: float = 180.0,
+        min_path_mm: dict[str, float] | None = None,
     ):
         self.vol = vol
         self.vocab = vocab
         self.backend = make_backend(backend, vol, device)
         self.projector = self.backend.projector
+        self.min_path_mm = dict(min_path_mm or {})
+        self.path_leaves = {n: [vocab.by_name[leaf].id for leaf in vocab.leaves(n)] for n in self.min_path_mm}
+        self.projector.set_path_groups(self.path_leaves)
         self.keep_ids = keep_ids
         self.anchors = anchor_points(vol)
         self.chest_center = chest_center(vol, vocab)
@@ -123,6 +131,12 @@ class Renderer:
         img, proj = self.backend.render(cam, tools, phys, generator=gen)
         fov = collimator_mask(cam.height, cam.width, phys, img.device)
         leaves = {lid: proj.label_hits[i] for i, lid in enumerate(proj.label_ids)}
+        for name, mm in self.min_path_mm.items():
+            if name in proj.group_paths:
+                deep = proj.group_paths[name] >= mm
+                for lid in self.path_leaves[name]:
+                    if lid in leaves:
+                        leaves[lid] = leaves[lid] & deep
         for ti, tid in enumerate(proj.tool_ids):
             leaves[tid] = leaves[tid] | proj.tool_hits[ti] if tid in leaves else proj.tool_hits[ti]
         if self.keep_ids is not None:
@@ -154,13 +168,13 @@ def _init_worker(
     backend: str = "torch",
     stl: list[str] | None = None,
     stl_max_angle_deg: float = 180.0,
+    min_path_mm: dict[str, float] | None = None,
 ) -> None:
     torch.set_num_threads(threads)
     vol = PreparedVolume.load(vol_path)
     vocab, specs = resolve_user_tools(Vocabulary.load(), list(stl or []))
-    _WORKER["r"] = Renderer(
-        vol, vocab, set(keep) if keep is not None else None, device, backend, specs, stl_max_angle_deg
-    )
+    keep_ids = set(keep) if keep is not None else None
+    _WORKER["r"] = Renderer(vol, vocab, keep_ids, device, backend, specs, stl_max_angle_deg, min_path_mm)
 
 
 def _case_name(i: int) -> str:
@@ -238,6 +252,10 @@ def generate(cfg: SynthConfig, progress: bool = True) -> dict[str, Any]:
         for name in cfg.structures:
             ids |= {vocab.by_name[leaf].id for leaf in vocab.leaves(name)}  # raises on unknown names
         keep = sorted(ids)
+    for name, mm in cfg.min_path_mm.items():
+        vocab.leaves(name)  # raises on unknown names, before the CT is read
+        if not mm > 0:
+            raise ValueError(f"min_path_mm[{name!r}] must be > 0 mm, got {mm}")
     ct = load_ct(cfg.ct, cfg.labels, vocabulary=vocab)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -266,7 +284,16 @@ def generate(cfg: SynthConfig, progress: bool = True) -> dict[str, Any]:
     threads = max(1, (os.cpu_count() or 1) // workers) if cfg.device == "cpu" else 1
     bar = tqdm(total=cfg.n, unit="img", disable=not progress, desc="synth")
     results = []
-    init = (str(vol_path), keep, cfg.device, threads, cfg.backend, cfg.tool_stl, cfg.stl_max_angle_deg)
+    init = (
+        str(vol_path),
+        keep,
+        cfg.device,
+        threads,
+        cfg.backend,
+        cfg.tool_stl,
+        cfg.stl_max_angle_deg,
+        cfg.min_path_mm,
+    )
     if workers == 1:
         _init_worker(*init)
         for job in jobs:

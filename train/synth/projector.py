@@ -5,14 +5,16 @@ beam; each detector ray meets slice k at a point found by one multiply-add, and 
 stack of slices reads all rays at once (bilinear for densities, nearest for label bit-fields). The density
 samples sum to a line integral (each slice contributes slice spacing / |cos| of path), and the label bit-
 fields are OR-reduced along the ray, so one pass gives every label's mask (a pixel is in a mask where its ray
-crosses the label). 2D slice lookups are cache-friendly, which is why this is many times faster on CPU than 3D
-ray marching. Slices are processed in chunks to keep memory bounded. The same code runs on CPU and CUDA.
+crosses the label). The same pass can also measure, for named groups of labels, how far each ray travels
+inside the group (``path_groups``), so a mask can require more than a graze. 2D slice lookups are
+cache-friendly, which is why this is many times faster on CPU than 3D ray marching. Slices are processed in
+chunks to keep memory bounded. The same code runs on CPU and CUDA.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -42,6 +44,7 @@ class Projection:
     label_ids: list[int]
     tool_hits: torch.Tensor  # (T, H, W) bool, one per tool instance
     tool_ids: list[int]
+    group_paths: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (H, W) mm inside the group
 
 
 class _SliceStack:
@@ -87,13 +90,35 @@ class Projector:
     """Projects a ``PreparedVolume`` (plus optional analytic tools) for any ``Camera``."""
 
     def __init__(
-        self, volume: PreparedVolume, chunk_slices: int = 24, device: torch.device | str | None = None
+        self,
+        volume: PreparedVolume,
+        chunk_slices: int = 24,
+        device: torch.device | str | None = None,
+        path_groups: dict[str, Sequence[int]] | None = None,
     ):
         self.device = torch.device(device or volume.materials.device)
         self.vol = volume.to(self.device)
         self.chunk = chunk_slices
         self.label_ids = list(volume.present_ids)
         self._stacks: dict[tuple[str, int], _SliceStack] = {}
+        self.set_path_groups(path_groups or {})
+
+    def set_path_groups(self, groups: dict[str, Sequence[int]]) -> None:
+        """Measure each ray's path length (mm) inside these unions of label ids in every projection.
+
+        Ids not in the CT are ignored; a group with none of its ids present gets no entry.
+        """
+        n_ch = max(1, -(-len(self.label_ids) // BITS_PER_CHANNEL))
+        row = {lid: n for n, lid in enumerate(self.label_ids)}
+        self._path_masks: dict[str, torch.Tensor] = {}
+        for name, ids in groups.items():
+            m = torch.zeros(n_ch, dtype=torch.int32)
+            for lid in ids:
+                if lid in row:
+                    c, b = divmod(row[lid], BITS_PER_CHANNEL)
+                    m[c] |= 1 << b
+            if bool(m.any()):
+                self._path_masks[name] = m.to(self.device)
 
     def _stack(self, kind: str, axis: int) -> _SliceStack:
         key = (kind, axis)
@@ -135,12 +160,20 @@ class Projector:
 
         n_lab = len(self.label_ids)
         hits = torch.zeros(n_lab, h * w, dtype=torch.bool, device=dev)
+        group_paths: dict[str, torch.Tensor] = {}
         if with_labels and n_lab:
             lstack = self._stack("lab", self._main_axis(self.vol.labels_affine, beam))
             bits = torch.zeros(lstack.data.shape[1], h * w, dtype=torch.int32, device=dev)
-            for samples, _ in lstack.march(src, dirs, "nearest", self.chunk):
+            inside = {g: torch.zeros(h * w, dtype=torch.float32, device=dev) for g in self._path_masks}
+            lseg = None
+            for samples, seg_k in lstack.march(src, dirs, "nearest", self.chunk):
+                lseg = seg_k
                 for s in samples.to(torch.int32):
                     bits |= s
+                    for g, gm in self._path_masks.items():
+                        inside[g] += ((s & gm[:, None]) != 0).any(0)
+            if lseg is not None:
+                group_paths = {g: (n * lseg).reshape(h, w) for g, n in inside.items()}
             shifts = torch.arange(BITS_PER_CHANNEL, dtype=torch.int32, device=dev)
             unpacked = (bits[:, None, :] >> shifts[None, :, None]) & 1  # (C, 24, R)
             hits = unpacked.reshape(-1, h * w)[:n_lab].bool()
@@ -158,4 +191,5 @@ class Projector:
             label_ids=list(self.label_ids),
             tool_hits=tool_hits.reshape(len(tools), h, w),
             tool_ids=[t.category_id for t in tools],
+            group_paths=group_paths,
         )
