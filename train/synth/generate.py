@@ -77,7 +77,7 @@ def anchor_points(vol: PreparedVolume, margin_mm: float = 40.0) -> np.ndarray:
 
 def chest_center(vol: PreparedVolume, vocab: Vocabulary) -> np.ndarray:
     """Where a chest radiograph is aimed: the centroid of the lung lobes, or the CT's centre without them."""
-    lung_ids = {vocab.by_name[n].id for n in vocab.leaves("lungs")}
+    lung_ids = set(vocab.leaf_ids("lungs"))
     pts = [c for i, c in vol.anchors.items() if i in lung_ids]
     if pts:
         return np.mean(np.stack(pts), axis=0)
@@ -104,7 +104,7 @@ class Renderer:
         self.backend = make_backend(backend, vol, device)
         self.projector = self.backend.projector
         self.min_path_mm = dict(min_path_mm or {})
-        self.path_leaves = {n: [vocab.by_name[leaf].id for leaf in vocab.leaves(n)] for n in self.min_path_mm}
+        self.path_leaves = {n: vocab.leaf_ids(n) for n in self.min_path_mm}
         self.projector.set_path_groups(self.path_leaves)
         self.keep_ids = keep_ids
         self.anchors = anchor_points(vol)
@@ -250,10 +250,10 @@ def generate(cfg: SynthConfig, progress: bool = True) -> dict[str, Any]:
     if cfg.structures:
         ids: set[int] = set()
         for name in cfg.structures:
-            ids |= {vocab.by_name[leaf].id for leaf in vocab.leaves(name)}  # raises on unknown names
+            ids |= set(vocab.leaf_ids(name))  # raises on unknown names
         keep = sorted(ids)
     for name, mm in cfg.min_path_mm.items():
-        vocab.leaves(name)  # raises on unknown names, before the CT is read
+        vocab.leaf_ids(name)  # raises on unknown names, before the CT is read
         if not mm > 0:
             raise ValueError(f"min_path_mm[{name!r}] must be > 0 mm, got {mm}")
     ct = load_ct(cfg.ct, cfg.labels, vocabulary=vocab)

@@ -108,6 +108,10 @@ class Vocabulary:
                     out.append(leaf)
         return out
 
+    def leaf_ids(self, name: str) -> list[int]:
+        """Category ids of ``leaves(name)``; raises on unknown names like ``leaves``."""
+        return [self.by_name[leaf].id for leaf in self.leaves(name)]
+
     def group_member_ids(self) -> dict[int, list[int]]:
         """Group id -> ids of its leaf structures/tools."""
         return {g.id: [self.by_name[n].id for n in self.leaves(g.name)] for g in self.groups}
