@@ -1,0 +1,1 @@
+"""Bodies built from a public source (filled in by its builder module)."""
