@@ -155,3 +155,48 @@ def test_resume_continues_exactly(toy: Path, tmp_path: Path) -> None:
     b = torch.load(tmp_path / "b" / "last.pt", weights_only=False)["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_sigterm_checkpoints_and_auto_resume_continues_the_ledger(toy: Path, tmp_path: Path) -> None:
+    """A background run stopped by SIGTERM keeps its steps; ``--resume auto`` continues the ledger."""
+    import csv
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    cfg = yaml.safe_load(CONFIG.read_text())
+    cfg.update(max_steps=100000, ckpt_every=1000, log_every=1, text_cache=str(tmp_path / "tf.pt"))
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "train.cli", "fit", "--config", str(cfg_path), "--data", str(toy)]
+    cmd += ["--out", str(out), "--resume", "auto", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = out / "log.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 4):
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0
+    state = torch.load(out / "last.pt", weights_only=False)
+    first_steps = int(state["step"])
+    assert 3 <= first_steps < 100000  # stopped early, and the steps since the last periodic ckpt were kept
+    rows = list(csv.DictReader(open(out / "ledger.csv")))
+    assert [r["ended_by"] for r in rows] == ["SIGTERM"]
+    assert int(rows[0]["start_step"]) == 0 and int(rows[0]["end_step"]) == first_steps
+    assert float(rows[0]["cpu_s"]) > 0
+
+    again = subprocess.run(
+        [*cmd, "--max-steps", str(first_steps + 2)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    rows = list(csv.DictReader(open(out / "ledger.csv")))
+    assert len(rows) == 2 and rows[1]["ended_by"] == "max_steps"
+    assert int(rows[1]["start_step"]) == first_steps and int(rows[1]["end_step"]) == first_steps + 2
+    assert int(torch.load(out / "last.pt", weights_only=False)["step"]) == first_steps + 2

@@ -16,11 +16,15 @@ Design points that are easy to get wrong:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
 import os
+import platform
 import random
+import signal
+import socket
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -355,9 +359,99 @@ def save_checkpoint(
     tmp.replace(path)
 
 
+class StopRequest:
+    """SIGTERM/SIGINT ask the loop to stop after the current step; the run then checkpoints and exits.
+
+    A background run on a shared machine is stopped this way at the end of a session and resumed in the
+    next one (``--resume auto``) without losing the steps since the last periodic checkpoint.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name = ""
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:  # a second signal: stop now, the last periodic checkpoint stands
+            raise KeyboardInterrupt
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+    def install(self) -> StopRequest:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the main thread (fit() run from a thread)
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev)
+        self._previous.clear()
+
+
+LEDGER_FIELDS = [
+    "start_utc",
+    "end_utc",
+    "host",
+    "cpu",
+    "device",
+    "threads",
+    "world",
+    "start_step",
+    "end_step",
+    "wall_s",
+    "cpu_s",
+    "ended_by",
+]
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def append_ledger(out: Path, row: dict[str, Any]) -> None:
+    """One row per training segment: where it ran, the steps it added, its wall and CPU seconds.
+
+    CPU seconds are this process's (all threads) from ``time.process_time``, times the world size under
+    DDP (every rank does the same work); the model card sums the ledger into CPU-hours.
+    """
+    path = out / "ledger.csv"
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=LEDGER_FIELDS)
+        if new:
+            w.writeheader()
+        w.writerow({k: row.get(k, "") for k in LEDGER_FIELDS})
+
+
+def read_ledger(out: str | Path) -> list[dict[str, str]]:
+    path = Path(out) / "ledger.csv"
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def resolve_resume(resume: str | None, out: str | Path) -> str | None:
+    """``auto``: the run folder's last.pt when there is one (continue), else start fresh."""
+    if resume != "auto":
+        return resume
+    last = Path(out) / "last.pt"
+    return str(last) if last.exists() else None
+
+
 def fit(cfg: FitConfig, resume: str | None = None) -> dict[str, Any]:
     """Train; returns a summary (steps, seconds, final losses, paths). Rank 0 writes all outputs."""
     d = init_distributed()
+    resume = resolve_resume(resume, cfg.out)
+    seg_start_utc = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    cpu0 = time.process_time()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
@@ -461,6 +555,8 @@ def fit(cfg: FitConfig, resume: str | None = None) -> dict[str, Any]:
     epoch, j = divmod(step, batches.batches_per_epoch)
     last: dict[str, float] = {}
     stop = torch.zeros(1)
+    stop_request = StopRequest().install()
+    ended_by = "max_steps"
     model.train()
     if cfg.freeze_bn:
         _bn_eval(model)
@@ -545,19 +641,50 @@ def fit(cfg: FitConfig, resume: str | None = None) -> dict[str, Any]:
                     cfg,
                     {"elapsed_s": elapsed_before + time.time() - t0},
                 )
-        if cfg.time_budget_s > 0:
-            stop[0] = float(elapsed_before + time.time() - t0 >= cfg.time_budget_s)
-            if d.world > 1:
-                dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-            if stop[0] > 0:
-                break
+        over_budget = cfg.time_budget_s > 0 and elapsed_before + time.time() - t0 >= cfg.time_budget_s
+        stop[0] = float(over_budget or stop_request.requested)
+        if d.world > 1:
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        if stop[0] > 0:
+            ended_by = "time_budget" if over_budget else stop_request.signal_name or "signal"
+            break
+    stop_request.restore()
     if loader_pool is not None:
         loader_pool.close()
     total = elapsed_before + time.time() - t0
-    summary: dict[str, Any] = {"steps": step, "seconds": round(total, 1), "last": last, "out": str(out)}
+    summary: dict[str, Any] = {
+        "steps": step,
+        "seconds": round(total, 1),
+        "last": last,
+        "out": str(out),
+        "ended_by": ended_by,
+    }
     if d.main:
         bar.close()
         save_checkpoint(out / "last.pt", model, opt, scaler, step, cfg, {"elapsed_s": total})
+        append_ledger(
+            out,
+            {
+                "start_utc": seg_start_utc,
+                "end_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "host": socket.gethostname(),
+                "cpu": _cpu_name(),
+                "device": torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "cpu",
+                "threads": torch.get_num_threads(),
+                "world": d.world,
+                "start_step": start_step,
+                "end_step": step,
+                "wall_s": round(time.time() - t0, 1),
+                "cpu_s": round((time.process_time() - cpu0) * d.world, 1),
+                "ended_by": ended_by,
+            },
+        )
+        rows = read_ledger(out)
+        summary["ledger"] = {
+            "segments": len(rows),
+            "wall_h": round(sum(float(r["wall_s"]) for r in rows) / 3600, 3),
+            "cpu_h": round(sum(float(r["cpu_s"]) for r in rows) / 3600, 3),
+        }
         from fluorosam_rt.checkpoint import save_native
 
         model.eval()

@@ -14,7 +14,11 @@ def add_fit_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, help="training config YAML (configs/train/*.yaml)")
     p.add_argument("--data", action="append", default=None, help="data folder (repeatable; overrides config)")
     p.add_argument("--out", default=None, help="run folder (overrides config)")
-    p.add_argument("--resume", default=None, help="checkpoint to resume from (e.g. <out>/last.pt)")
+    p.add_argument(
+        "--resume",
+        default=None,
+        help="checkpoint to resume from (e.g. <out>/last.pt), or auto: <out>/last.pt when it exists",
+    )
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--time-budget", type=float, default=None, help="seconds of training (overrides config)")
     p.add_argument("--seed", type=int, default=None)
