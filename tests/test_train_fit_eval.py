@@ -187,16 +187,19 @@ def test_sigterm_checkpoints_and_auto_resume_continues_the_ledger(toy: Path, tmp
     state = torch.load(out / "last.pt", weights_only=False)
     first_steps = int(state["step"])
     assert 3 <= first_steps < 100000  # stopped early, and the steps since the last periodic ckpt were kept
-    rows = list(csv.DictReader(open(out / "ledger.csv")))
+    rows = list(csv.DictReader((out / "ledger.csv").read_text().splitlines()))
     assert [r["ended_by"] for r in rows] == ["SIGTERM"]
-    assert int(rows[0]["start_step"]) == 0 and int(rows[0]["end_step"]) == first_steps
+    assert int(rows[0]["start_step"]) == 0
+    assert int(rows[0]["end_step"]) == first_steps
     assert float(rows[0]["cpu_s"]) > 0
 
     again = subprocess.run(
         [*cmd, "--max-steps", str(first_steps + 2)], env=env, capture_output=True, text=True, timeout=300
     )
     assert again.returncode == 0, again.stderr[-2000:]
-    rows = list(csv.DictReader(open(out / "ledger.csv")))
-    assert len(rows) == 2 and rows[1]["ended_by"] == "max_steps"
-    assert int(rows[1]["start_step"]) == first_steps and int(rows[1]["end_step"]) == first_steps + 2
+    rows = list(csv.DictReader((out / "ledger.csv").read_text().splitlines()))
+    assert len(rows) == 2
+    assert rows[1]["ended_by"] == "max_steps"
+    assert int(rows[1]["start_step"]) == first_steps
+    assert int(rows[1]["end_step"]) == first_steps + 2
     assert int(torch.load(out / "last.pt", weights_only=False)["step"]) == first_steps + 2
