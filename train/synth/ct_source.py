@@ -130,8 +130,10 @@ def load_ct(
         )
     if not np.allclose(ct_img.affine, lab_img.affine, atol=1e-3, rtol=1e-4):
         raise CTInputError(
-            f"CT and label map affines differ:\nCT:\n{np.round(ct_img.affine, 4)}\nlabels:\n"
-            f"{np.round(lab_img.affine, 4)}\nthey must describe the same voxel grid"
+            f"label map {label_path} is not on the grid of CT {ct_path.name}: their affines differ "
+            f"(CT {np.round(ct_img.affine[:3], 3).tolist()}, "
+            f"labels {np.round(lab_img.affine[:3], 3).tolist()}); "
+            "resample the label map onto the CT"
         )
     hu = np.asarray(ct_img.dataobj, dtype=np.float32)
     raw = np.asarray(lab_img.dataobj)

@@ -1,8 +1,11 @@
-"""Dataset generation: scenarios (tool sets) per case, views per image, parallel workers, progress bar.
+"""Dataset generation: bodies per case, regions and views per image, parallel workers, shards, progress bar.
 
-Determinism: every case and image draws from ``numpy.random.default_rng([seed, case, image])`` and a torch
-generator seeded the same way, so views, masks and noise do not depend on the number of workers or their
-scheduling (pixel values only up to float rounding, which follows the threads per worker).
+Determinism: every draw comes from ``numpy.random.default_rng`` seeded by ``[seed, case, ...]`` (the body of
+a case, its variation, each image's region and view, each region's tools) plus a torch generator seeded
+from the image's stream, so views, masks and noise depend on neither the number of workers, nor the order
+jobs run in, nor the shard a case falls in (pixel values only up to float rounding, which follows the
+threads per worker). Jobs are ordered by body so a worker reuses the bodies it holds; the order never
+changes what is drawn.
 """
 
 from __future__ import annotations
@@ -10,8 +13,11 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import resource
+import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from collections import Counter
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +25,10 @@ import numpy as np
 import torch
 
 from train.synth.annotate import build_annotations
+from train.synth.atomic_dir import staged
 from train.synth.backend import make_backend
+from train.synth.body_choice import BodyRef, load_file_body, pick_bodies, resolve_bodies
+from train.synth.body_pool import PREPARE_SEED, BodyPool, load_or_prepare, registered_cache_path, save_atomic
 from train.synth.fluoroseg_io import write_case, write_image, write_splits
 from train.synth.geometry import Camera, sample_camera, sample_radiograph_camera
 from train.synth.mesh import STLSpec, make_mesh_tool, read_stl
@@ -30,17 +39,30 @@ from train.synth.physics import (
     sample_radiograph_physics,
 )
 from train.synth.projector import RayTool
+from train.synth.regions import REGIONS
 from train.synth.tools import sample_tools
 from train.synth.vocabulary import Vocabulary
 from train.synth.volume import PreparedVolume
+
+# Third seed words of the per-case streams (images use 0..images_per_case-1, user meshes 1_000_000 + k,
+# the body draw body_choice.BODY_STREAM = 2_000_000).
+VARIATION_STREAM = 3_000_000
+TOOL_STREAM = 4_000_000  # + the region's index in REGIONS: one tool scenario per region of a case
+REGION_INDEX = {name: k for k, name in enumerate(REGIONS)}
 
 
 @dataclass
 class SynthConfig:
     """Everything that defines a generated data set (stored as root/dataset.json)."""
 
-    ct: str = "bundled"
-    labels: str | None = None
+    # Bodies: registered names, body folders, NIfTI CTs with their labels next to them, or "bundled".
+    bodies: list[str] = field(default_factory=lambda: ["bundled"])
+    body_set: str = ""  # "all": every built training body; "heldout": the held-out ones
+    labels: str | None = None  # label map of the one file body, when not next to its CT
+    regions: list[str] = field(default_factory=list)  # empty = every region each body has
+    body_weights: dict[str, float] = field(default_factory=dict)  # name -> weight (default 1 each)
+    variation: float = 1.0  # strength of the per-case anatomical variation (0: the body as it is)
+    shard: list[int] | None = None  # [i, n]: render only the cases c with c % n == i
     n: int = 100
     size: int = 256
     out: str = "out/synth"
@@ -63,6 +85,7 @@ class SynthConfig:
     backend: str = "torch"  # "torch" (ours) or "deepdrr" (optional, CUDA)
     tool_stl: list[str] = field(default_factory=list)  # PATH[:material[:name]], placed in every case
     stl_max_angle_deg: float = 180.0  # user meshes turn at most this far from their file's orientation
+    max_bodies_per_worker: int = 2  # prepared bodies a worker keeps in memory (least recently used out)
 
 
 def anchor_points(vol: PreparedVolume, margin_mm: float = 40.0) -> np.ndarray:
@@ -98,6 +121,7 @@ class Renderer:
         stl_specs: list[STLSpec] | None = None,
         stl_max_angle_deg: float = 180.0,
         min_path_mm: dict[str, float] | None = None,
+        stl_meshes: list[np.ndarray] | None = None,
     ):
         self.vol = vol
         self.vocab = vocab
@@ -110,8 +134,23 @@ class Renderer:
         self.anchors = anchor_points(vol)
         self.chest_center = chest_center(vol, vocab)
         self.stl_specs = list(stl_specs or [])
-        self.stl_meshes = [read_stl(s.path) for s in self.stl_specs]
+        self.stl_meshes = stl_meshes if stl_meshes is not None else [read_stl(s.path) for s in self.stl_specs]
         self.stl_max_angle_deg = stl_max_angle_deg
+        self._region_anchors: dict[str | None, np.ndarray] = {}
+
+    def region_anchors(self, region: str | None) -> np.ndarray:
+        """Points a view of ``region`` is aimed at: its aim structures in this body (None: any organ)."""
+        if region not in self._region_anchors:
+            pts: list[np.ndarray] = []
+            if region is not None:
+                spec = REGIONS[region]
+                for names in (spec.aim, spec.requires):
+                    ids = [self.vocab.by_name[nm].id for nm in names if nm in self.vocab.by_name]
+                    pts = [self.vol.anchors[i] for i in ids if i in self.vol.anchors]
+                    if pts:
+                        break
+            self._region_anchors[region] = np.stack(pts) if pts else self.anchors
+        return self._region_anchors[region]
 
     def user_tools(self, seed: int, case: int) -> list[RayTool]:
         """The user's meshes placed for one case, each from its own random stream.
@@ -145,9 +184,6 @@ class Renderer:
         return img.cpu().numpy(), ann.__dict__, proj
 
 
-_WORKER: dict[str, Any] = {}
-
-
 def resolve_user_tools(vocab: Vocabulary, specs: list[str]) -> tuple[Vocabulary, list[STLSpec]]:
     """Parse ``--tool-stl`` specs and give each its user-tool category (named after the user's name)."""
     default = vocab.by_name["custom_tool"].material or "stainless_steel"
@@ -160,92 +196,192 @@ def resolve_user_tools(vocab: Vocabulary, specs: list[str]) -> tuple[Vocabulary,
     return vocab, [STLSpec(p.path, p.material, p.name, cid) for p, cid in zip(parsed, ids)]
 
 
-def _init_worker(
-    vol_path: str,
-    keep: list[int] | None,
-    device: str,
-    threads: int,
-    backend: str = "torch",
-    stl: list[str] | None = None,
-    stl_max_angle_deg: float = 180.0,
-    min_path_mm: dict[str, float] | None = None,
-) -> None:
-    torch.set_num_threads(threads)
-    vol = PreparedVolume.load(vol_path)
-    vocab, specs = resolve_user_tools(Vocabulary.load(), list(stl or []))
-    keep_ids = set(keep) if keep is not None else None
-    _WORKER["r"] = Renderer(vol, vocab, keep_ids, device, backend, specs, stl_max_angle_deg, min_path_mm)
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What every worker process needs to render any case of the run (picklable)."""
+
+    refs: tuple[BodyRef, ...]
+    out: str
+    seed: int
+    size: int
+    keep: tuple[int, ...] | None
+    device: str
+    threads: int
+    backend: str = "torch"
+    stl: tuple[str, ...] = ()
+    stl_max_angle_deg: float = 180.0
+    min_path_mm: tuple[tuple[str, float], ...] = ()
+    density_spacing_mm: float = 2.0
+    label_spacing_mm: float = 1.5
+    p_no_tools: float = 0.3
+    p_radiograph: float = 0.0
+    variation: float = 1.0
+    max_bodies: int = 2
 
 
-def _case_name(i: int) -> str:
-    return f"case_{i:05d}"
+class Worker:
+    """One process's renderers: a body is loaded when a case first needs it; at most ``max_bodies`` kept."""
 
+    def __init__(self, s: WorkerSettings):
+        if s.device == "cpu":
+            torch.set_num_threads(s.threads)
+        self.s = s
+        self.vocab, self.specs = resolve_user_tools(Vocabulary.load(), list(s.stl))
+        self.meshes = [read_stl(p.path) for p in self.specs]
+        self.keep_ids = set(s.keep) if s.keep is not None else None
+        self.pool: BodyPool[Renderer] = BodyPool(s.max_bodies)
 
-def render_case(
-    case: int, n_images: int, seed: int, size: int, out: str, p_no_tools: float, p_radiograph: float = 0.0
-) -> dict[str, Any]:
-    """Render and write one case (a CT plus one tool scenario, several views); returns its summary."""
-    r: Renderer = _WORKER["r"]
-    rng = np.random.default_rng([seed, case])
-    tools: list[RayTool] = [*sample_tools(rng, r.vol, p_none=p_no_tools), *r.user_tools(seed, case)]
-    case_dir = Path(out) / _case_name(case)
-    case_dir.mkdir(parents=True, exist_ok=True)
-    images = []
-    t0 = time.perf_counter()
-    for j in range(n_images):
-        irng = np.random.default_rng([seed, case, j])
-        if p_radiograph > 0 and irng.random() < p_radiograph:
-            cam = sample_radiograph_camera(irng, r.chest_center, size=size)
-            phys = sample_radiograph_physics(irng, size)
-        else:
-            cam = sample_camera(irng, r.anchors, size=size)
-            phys = sample_physics(irng, size)
-        gen = torch.Generator(device=r.projector.device).manual_seed(int(irng.integers(2**62)))
-        image_id = case * 100000 + j
-        img, ann, _ = r.render(cam, tools, phys, image_id, gen)
-        stem = f"{j:06d}"
-        info = {
-            "id": image_id,
-            "file_name": f"{stem}.tiff",
-            "height": size,
-            "width": size,
-            "camera": cam.to_json(),
-            "physics": phys.to_json(),
-        }
-        write_image(
-            case_dir,
-            stem,
-            img,
-            {
+    def renderer(self, vol: PreparedVolume) -> Renderer:
+        s = self.s
+        mp_mm = dict(s.min_path_mm)
+        return Renderer(
+            vol,
+            self.vocab,
+            self.keep_ids,
+            s.device,
+            s.backend,
+            self.specs,
+            s.stl_max_angle_deg,
+            mp_mm,
+            self.meshes,
+        )
+
+    def _load(self, ref: BodyRef) -> PreparedVolume:
+        if not ref.registered:
+            return PreparedVolume.load(ref.prepared)  # prepared by the main process when it read the file
+        s = self.s
+        read = lambda: load_file_body(ref.source, None, self.vocab, ref.name)  # noqa: E731
+        return load_or_prepare(Path(ref.prepared), read, s.density_spacing_mm, s.label_spacing_mm)
+
+    def body(self, ref: BodyRef) -> Renderer:
+        """The renderer of the body as built (its projector's slice stacks are kept with it)."""
+        return self.pool.get(ref.name, lambda: self.renderer(self._load(ref)))
+
+    def render_case(self, case: int, n_images: int, body_index: int) -> dict[str, Any]:
+        """Render and write one case (a body, one anatomical variation, several views); returns a summary."""
+        s = self.s
+        ref = s.refs[body_index]
+        t0 = time.perf_counter()
+        loads = self.pool.loads
+        r = self.body(ref)
+        variation = None
+        if s.variation > 0:
+            variation = None  # wired to train/synth/variation.py once it lands
+        user_tools = r.user_tools(s.seed, case)
+        case_tools: list[dict[str, Any]] = [{**t.to_json(), "region": None} for t in user_tools]
+        region_tools: dict[str | None, tuple[list[RayTool], list[int]]] = {}
+        case_dir = Path(s.out) / case_name(case)
+        case_dir.mkdir(parents=True, exist_ok=True)
+        images = []
+        regions: Counter[str] = Counter()
+        for j in range(n_images):
+            irng = np.random.default_rng([s.seed, case, j])
+            region = ref.regions[int(irng.integers(len(ref.regions)))] if ref.regions else None
+            if region not in region_tools:
+                trng = np.random.default_rng(
+                    [s.seed, case, TOOL_STREAM + REGION_INDEX.get(region, len(REGIONS))]
+                )
+                tools = sample_tools(trng, r.vol, p_none=s.p_no_tools)
+                first = len(case_tools)
+                case_tools += [{**t.to_json(), "region": region} for t in tools]
+                region_tools[region] = (tools, list(range(first, len(case_tools))))
+            tools, tool_idx = region_tools[region]
+            if s.p_radiograph > 0 and irng.random() < s.p_radiograph:
+                cam = sample_radiograph_camera(irng, r.chest_center, size=s.size)
+                phys = sample_radiograph_physics(irng, s.size)
+            else:
+                cam = sample_camera(irng, r.region_anchors(region), size=s.size)
+                phys = sample_physics(irng, s.size)
+            view = cam.view
+            gen = torch.Generator(device=r.projector.device).manual_seed(int(irng.integers(2**62)))
+            image_id = case * 100000 + j
+            img, ann, _ = r.render(cam, [*tools, *user_tools], phys, image_id, gen)
+            stem = f"{j:06d}"
+            info = {
+                "id": image_id,
+                "file_name": f"{stem}.tiff",
+                "height": s.size,
+                "width": s.size,
+                "region": region,
+                "view": view,
+                "tools": [*range(len(user_tools)), *tool_idx],
+                "camera": cam.to_json(),
+                "physics": phys.to_json(),
+            }
+            record = {
                 "image": info,
                 "annotations": ann["annotations"],
                 "absent_category_ids": ann["absent_category_ids"],
                 "dropped_category_ids": ann["dropped_category_ids"],
+            }
+            write_image(case_dir, stem, img, record)
+            images.append(info)
+            regions[region or "all"] += 1
+        write_case(
+            case_dir,
+            {
+                "case": case_name(case),
+                "body": ref.name,
+                "ct": ref.name,
+                "heldout_body": ref.heldout,
+                "variation": variation,
+                "ct_present_category_ids": r.vol.present_ids,
+                "tools": case_tools,
+                "images": images,
             },
         )
-        images.append(info)
-    write_case(
-        case_dir,
-        {
-            "case": _case_name(case),
-            "ct": r.vol.name,
-            "ct_present_category_ids": r.vol.present_ids,
-            "tools": [t.to_json() for t in tools],
-            "images": images,
-        },
-    )
-    return {"case": _case_name(case), "n": n_images, "seconds": time.perf_counter() - t0}
+        return {
+            "case": case_name(case),
+            "n": n_images,
+            "seconds": time.perf_counter() - t0,
+            "regions": dict(regions),
+            "body_loaded": self.pool.loads > loads,
+            "rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+            "pid": os.getpid(),
+        }
 
 
-def generate(cfg: SynthConfig, progress: bool = True) -> dict[str, Any]:
-    """Generate ``cfg.n`` images under ``cfg.out``; returns the summary written to dataset.json."""
-    from tqdm import tqdm
+_WORKER: dict[str, Worker] = {}
 
-    from train.synth.ct_source import load_ct
-    from train.synth.volume import prepare_volume
 
-    t_start = time.perf_counter()
-    vocab, _ = resolve_user_tools(Vocabulary.load(), cfg.tool_stl)
+def _init_worker(settings: WorkerSettings) -> None:
+    _WORKER["w"] = Worker(settings)
+
+
+def _run_job(job: tuple[int, int, int]) -> dict[str, Any]:
+    return _WORKER["w"].render_case(*job)
+
+
+def case_name(i: int) -> str:
+    return f"case_{i:05d}"
+
+
+def n_val_cases(n_cases: int, val_fraction: float) -> int:
+    """How many of the last cases are validation: round(n * fraction), at least 1 when asked for any."""
+    n_val = round(n_cases * val_fraction)
+    if val_fraction > 0 and n_val == 0 and n_cases > 1:
+        n_val = 1
+    return min(max(n_val, 0), n_cases)
+
+
+def is_val(case: int, n_cases: int, val_fraction: float) -> bool:
+    """Split of a case from its index and the run's size only, so every shard agrees."""
+    return case >= n_cases - n_val_cases(n_cases, val_fraction)
+
+
+def images_of(case: int, cfg: SynthConfig) -> int:
+    return min(cfg.images_per_case, cfg.n - case * cfg.images_per_case)
+
+
+def shard_dir(out: str | Path, shard: list[int] | tuple[int, int] | None) -> Path:
+    """Where a run writes: ``out`` itself, or ``out/shard-IIIII-of-NNNNN`` for shard i of n."""
+    if not shard:
+        return Path(out)
+    i, n = shard
+    return Path(out) / f"shard-{i:05d}-of-{n:05d}"
+
+
+def _check_config(cfg: SynthConfig, vocab: Vocabulary) -> list[int] | None:
     keep: list[int] | None = None
     if cfg.structures:
         ids: set[int] = set()
@@ -253,80 +389,144 @@ def generate(cfg: SynthConfig, progress: bool = True) -> dict[str, Any]:
             ids |= set(vocab.leaf_ids(name))  # raises on unknown names
         keep = sorted(ids)
     for name, mm in cfg.min_path_mm.items():
-        vocab.leaf_ids(name)  # raises on unknown names, before the CT is read
+        vocab.leaf_ids(name)  # raises on unknown names, before any CT is read
         if not mm > 0:
             raise ValueError(f"min_path_mm[{name!r}] must be > 0 mm, got {mm}")
-    ct = load_ct(cfg.ct, cfg.labels, vocabulary=vocab)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cache = out / ".cache"
-    cache.mkdir(exist_ok=True)
-    vol = prepare_volume(ct, cfg.density_spacing_mm, cfg.label_spacing_mm, seed=cfg.seed)
-    vol_path = cache / "volume.npz"
-    vol.save(vol_path)
-    del ct, vol
-    t_prep = time.perf_counter() - t_start
+    if cfg.shard is not None:
+        i, n = cfg.shard
+        if not 0 <= i < n:
+            raise ValueError(f"shard {i}/{n}: want 0 <= i < n")
+    return keep
 
+
+def _prepare_file_bodies(cfg: SynthConfig, vocab: Vocabulary, cache: Path):
+    """``load_file`` for resolve_bodies: read a file body once, prepare it and cache it for the workers."""
+
+    def load_file(value: str, labels: str | None, name: str):
+        ct = load_file_body(value, labels, vocab, name)
+        from train.synth.volume import prepare_volume
+
+        vol = prepare_volume(ct, cfg.density_spacing_mm, cfg.label_spacing_mm, seed=PREPARE_SEED)
+        save_atomic(vol, cache / f"{name}.npz")
+        return ct
+
+    return load_file
+
+
+def generate(cfg: SynthConfig, progress: bool = True, contact_sheet: int = 8) -> dict[str, Any]:
+    """Generate ``cfg.n`` images (or this shard's part) under ``cfg.out``; returns the dataset.json summary.
+
+    Everything is written into a staging folder next to the destination and renamed into place at the
+    end, contact sheets (``contact_sheet`` images per region, 0: none) included.
+    """
+    from tqdm import tqdm
+
+    from train.synth.contact_sheet import contact_sheets
+
+    t_start = time.perf_counter()
+    vocab, _ = resolve_user_tools(Vocabulary.load(), cfg.tool_stl)
+    keep = _check_config(cfg, vocab)
     n_cases = max(1, -(-cfg.n // cfg.images_per_case))
-    jobs = [
-        (
-            c,
-            min(cfg.images_per_case, cfg.n - c * cfg.images_per_case),
-            cfg.seed,
-            cfg.size,
-            str(out),
-            cfg.p_no_tools,
-            cfg.p_radiograph,
+    i_sh, n_sh = cfg.shard or (0, 1)
+    cases = list(range(i_sh, n_cases, n_sh))
+    final = shard_dir(cfg.out, cfg.shard)
+    with staged(final) as tmp:
+        cache = tmp / ".cache"
+        refs = resolve_bodies(
+            cfg.bodies,
+            cfg.body_set,
+            cfg.labels,
+            vocab,
+            cfg.regions,
+            cfg.body_weights,
+            _prepare_file_bodies(cfg, vocab, cache),
         )
-        for c in range(n_cases)
-    ]
-    workers = max(1, cfg.workers)
-    threads = max(1, (os.cpu_count() or 1) // workers) if cfg.device == "cpu" else 1
-    bar = tqdm(total=cfg.n, unit="img", disable=not progress, desc="synth")
-    results = []
-    init = (
-        str(vol_path),
-        keep,
-        cfg.device,
-        threads,
-        cfg.backend,
-        cfg.tool_stl,
-        cfg.stl_max_angle_deg,
-        cfg.min_path_mm,
-    )
-    if workers == 1:
-        _init_worker(*init)
-        for job in jobs:
-            results.append(render_case(*job))
-            bar.update(job[1])
-    else:
-        ctx = mp.get_context("spawn")
-        with ctx.Pool(workers, initializer=_init_worker, initargs=init) as pool:
-            for res in pool.imap_unordered(_star, jobs):
-                results.append(res)
-                bar.update(res["n"])
-    bar.close()
-    n_val = round(n_cases * cfg.val_fraction) if n_cases > 1 else 0
-    n_val = max(1, n_val) if n_cases > 1 and cfg.val_fraction > 0 else n_val
-    names = [_case_name(c) for c in range(n_cases)]
-    write_splits(out, names[: n_cases - n_val], names[n_cases - n_val :])
-    with open(out / "categories.json", "w") as f:
-        json.dump(vocab.coco_categories(), f, indent=1)
-    total = time.perf_counter() - t_start
-    summary = {
-        "config": asdict(cfg),
-        "n_images": cfg.n,
-        "n_cases": n_cases,
-        "seconds_total": round(total, 2),
-        "seconds_prepare": round(t_prep, 2),
-        "images_per_second": round(cfg.n / max(total - t_prep, 1e-9), 3),
-        "torch": torch.__version__,
-        "cpu_count": os.cpu_count(),
-    }
-    with open(out / "dataset.json", "w") as f:
-        json.dump(summary, f, indent=1)
+        refs = [
+            replace(
+                r,
+                prepared=str(
+                    registered_cache_path(r.name, cfg.density_spacing_mm, cfg.label_spacing_mm)
+                    if r.registered
+                    else cache / f"{r.name}.npz"
+                ),
+            )
+            for r in refs
+        ]
+        t_prep = time.perf_counter() - t_start
+        body_of = pick_bodies(cfg.seed, cases, refs)
+        jobs = sorted(((c, images_of(c, cfg), body_of[c]) for c in cases), key=lambda j: (j[2], j[0]))
+        workers = max(1, min(cfg.workers, len(jobs)))
+        threads = max(1, (os.cpu_count() or 1) // workers) if cfg.device == "cpu" else 1
+        settings = WorkerSettings(
+            refs=tuple(refs),
+            out=str(tmp),
+            seed=cfg.seed,
+            size=cfg.size,
+            keep=tuple(keep) if keep is not None else None,
+            device=cfg.device,
+            threads=threads,
+            backend=cfg.backend,
+            stl=tuple(cfg.tool_stl),
+            stl_max_angle_deg=cfg.stl_max_angle_deg,
+            min_path_mm=tuple(cfg.min_path_mm.items()),
+            density_spacing_mm=cfg.density_spacing_mm,
+            label_spacing_mm=cfg.label_spacing_mm,
+            p_no_tools=cfg.p_no_tools,
+            p_radiograph=cfg.p_radiograph,
+            variation=cfg.variation,
+            max_bodies=cfg.max_bodies_per_worker,
+        )
+        n_images = sum(j[1] for j in jobs)
+        bar = tqdm(total=n_images, unit="img", disable=not progress, desc="synth")
+        results = []
+        t_render = time.perf_counter()
+        try:
+            if workers == 1:
+                _init_worker(settings)
+                for job in jobs:
+                    results.append(_run_job(job))
+                    bar.update(job[1])
+            else:
+                ctx = mp.get_context("spawn")
+                with ctx.Pool(workers, initializer=_init_worker, initargs=(settings,)) as pool:
+                    for res in pool.imap_unordered(_run_job, jobs):
+                        results.append(res)
+                        bar.update(res["n"])
+        finally:
+            _WORKER.clear()
+            bar.close()
+        t_render = time.perf_counter() - t_render
+        val = [case_name(c) for c in cases if is_val(c, n_cases, cfg.val_fraction)]
+        train = [case_name(c) for c in cases if not is_val(c, n_cases, cfg.val_fraction)]
+        write_splits(tmp, train, val)
+        with open(tmp / "categories.json", "w") as f:
+            json.dump(vocab.coco_categories(), f, indent=1)
+        regions: Counter[str] = Counter()
+        for res in results:
+            regions.update(res["regions"])
+        shutil.rmtree(cache, ignore_errors=True)
+        if contact_sheet > 0 and n_images:
+            contact_sheets(tmp, contact_sheet, sorted(regions))
+        total = time.perf_counter() - t_start
+        summary = {
+            "config": asdict(cfg),
+            "n_images": n_images,
+            "n_cases": len(cases),
+            "n_cases_total": n_cases,
+            "shard": list(cfg.shard) if cfg.shard else None,
+            "bodies": [r.to_json() for r in refs],
+            "cases_per_body": dict(Counter(refs[body_of[c]].name for c in cases)),
+            "images_per_region": dict(sorted(regions.items())),
+            "seconds_total": round(total, 2),
+            "seconds_prepare": round(t_prep, 2),
+            "seconds_render": round(t_render, 2),
+            "images_per_second": round(n_images / max(t_render, 1e-9), 3),
+            "workers": workers,
+            "body_loads": sum(r["body_loaded"] for r in results),  # bodies (re)loaded by the workers
+            "worker_peak_rss_mb": round(max((r["rss_peak_mb"] for r in results), default=0.0), 1),
+            "torch": torch.__version__,
+            "cpu_count": os.cpu_count(),
+        }
+        with open(tmp / "dataset.json", "w") as f:
+            json.dump(summary, f, indent=1)
     return summary
-
-
-def _star(job: tuple) -> dict[str, Any]:
-    return render_case(*job)

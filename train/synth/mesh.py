@@ -73,7 +73,41 @@ def _validated(tris: np.ndarray, p: Path) -> np.ndarray:
         raise STLError(f"{p}: no triangles")
     if not np.isfinite(tris).all():
         raise STLError(f"{p}: non-finite vertex coordinates")
+    problem = watertight_problem(tris)
+    if problem:
+        raise STLError(
+            f"{p}: mesh is not watertight ({problem}); close it (e.g. fill holes) and export again"
+        )
     return tris
+
+
+def watertight_problem(tris: np.ndarray) -> str | None:
+    """Why the mesh is not a closed, consistently wound surface, or None when it is.
+
+    The path-length tracer counts entries and exits along each ray, so a hole lets a ray enter without
+    leaving (a streak across the image) and a flipped triangle turns an exit into an entry. Closed and
+    consistent means: after welding coincident vertices, every directed edge a->b is matched by as many b->a
+    (several closed shells, even touching ones, pass).
+    """
+    pts = tris.reshape(-1, 3)
+    tol = 1e-6 * max(float(np.ptp(pts, axis=0).max()), 1e-3)
+    _, vid = np.unique(np.round(pts / tol).astype(np.int64), axis=0, return_inverse=True)
+    f = vid.reshape(-1, 3)
+    f = f[(f[:, 0] != f[:, 1]) & (f[:, 1] != f[:, 2]) & (f[:, 0] != f[:, 2])]  # drop collapsed triangles
+    if len(f) == 0:
+        return "every triangle is degenerate"
+    a = np.concatenate([f[:, 0], f[:, 1], f[:, 2]])
+    b = np.concatenate([f[:, 1], f[:, 2], f[:, 0]])
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    key = lo * (int(vid.max()) + 1) + hi
+    sign = np.where(a < b, 1, -1)
+    uniq, inv = np.unique(key, return_inverse=True)
+    uses = np.bincount(inv, minlength=len(uniq))
+    if np.any(uses % 2):
+        return f"{int(np.sum(uses % 2))} open edges"
+    if np.any(np.bincount(inv, weights=sign, minlength=len(uniq)) != 0):
+        return "triangles wound inconsistently"
+    return None
 
 
 def write_stl(path: str | Path, tris: np.ndarray, ascii: bool = False) -> None:
