@@ -9,6 +9,11 @@ Image convention: the image is seen from the detector looking at the source, hea
 patient's left is on the image's right (radiological "heart on the right"). Camera frame: origin at the
 source, +x = image columns, +y = image rows (down), +z = toward the detector. Pixel (col, row) continuous
 coordinates put pixel centres at integer + 0.5; K = [[sdd/p, 0, W/2], [0, sdd/p, H/2], [0, 0, 1]].
+
+Image-intensifier distortion (``distortion_k``, ``distortion_s``): the stored image is the ideal pinhole image
+warped radially (pincushion) and twisted (S-distortion). Rays are cast through each stored pixel's ideal
+position (``undistort``), so image and masks are distorted alike; ``project`` applies the warp, while ``P``
+(``projection_matrix``) stays the ideal pinhole map and gives undistorted pixel coordinates.
 """
 
 from __future__ import annotations
@@ -29,6 +34,15 @@ def beam_axes(primary_deg: float, secondary_deg: float) -> tuple[np.ndarray, np.
     return v, up, right
 
 
+def angles_from_direction(v: np.ndarray) -> tuple[float, float]:
+    """DICOM (primary, secondary) degrees whose isocentre->detector direction is ``v``; inverts beam_axes."""
+    v = np.asarray(v, dtype=np.float64)
+    v = v / np.linalg.norm(v)
+    secondary = float(np.degrees(np.arcsin(np.clip(v[2], -1.0, 1.0))))
+    primary = float(np.degrees(np.arctan2(-v[0], v[1])))
+    return primary, secondary
+
+
 @dataclass
 class Camera:
     """One C-arm pose plus detector; everything needed to re-project a 3D point into the stored image."""
@@ -43,6 +57,14 @@ class Camera:
     isocenter: tuple[float, float, float]  # world mm = anchor + table_shift
     table_shift: tuple[float, float, float] = (0.0, 0.0, 0.0)
     view: str = "custom"
+    # Image-intensifier distortion, at the image's half-width radius rho = 1: pincushion stretches the stored
+    # image radially by about distortion_k * rho^2, S-distortion twists it by distortion_s * rho^2 radians.
+    distortion_k: float = 0.0
+    distortion_s: float = 0.0
+
+    @property
+    def distorted(self) -> bool:
+        return self.distortion_k != 0.0 or self.distortion_s != 0.0
 
     @property
     def axes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -79,25 +101,57 @@ class Camera:
         return self.intrinsic @ self.world_to_camera[:3]
 
     def project(self, points: np.ndarray) -> np.ndarray:
-        """World points (N, 3) -> continuous pixel coordinates (N, 2) as (col, row)."""
+        """World points (N, 3) -> continuous pixel coordinates (N, 2) as (col, row) in the stored image."""
         pts = np.atleast_2d(points)
         h = self.projection_matrix @ np.concatenate([pts, np.ones((len(pts), 1))], axis=1).T
-        return (h[:2] / h[2:]).T
+        return self.distort((h[:2] / h[2:]).T)
+
+    def _half(self) -> float:
+        return max(self.width, self.height) / 2.0
+
+    def undistort(self, uv: torch.Tensor) -> torch.Tensor:
+        """Stored-image pixel coordinates (..., 2) -> ideal pinhole ones (the warp's explicit direction)."""
+        if not self.distorted:
+            return uv
+        cx, cy = self.width / 2.0, self.height / 2.0
+        dx, dy = uv[..., 0] - cx, uv[..., 1] - cy
+        rho2 = (dx * dx + dy * dy) / self._half() ** 2
+        scale = 1.0 - self.distortion_k * rho2
+        th = -self.distortion_s * rho2
+        c, s = torch.cos(th), torch.sin(th)
+        return torch.stack([cx + scale * (c * dx - s * dy), cy + scale * (s * dx + c * dy)], -1)
+
+    def distort(self, uv: np.ndarray) -> np.ndarray:
+        """Ideal pixel coordinates (N, 2) -> stored ones: ``undistort`` inverted by fixed-point steps."""
+        if not self.distorted:
+            return uv
+        ideal = torch.as_tensor(np.asarray(uv, dtype=np.float64))
+        d = ideal.clone()
+        for _ in range(50):
+            err = self.undistort(d) - ideal
+            d = d - err
+            if float(err.abs().max()) < 1e-9:
+                break
+        return d.numpy()
 
     def pixel_world(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """World position of every pixel centre on the detector, (H, W, 3) float64."""
+        """World position on the detector that each stored pixel centre sees, (H, W, 3) float64."""
         _, up, right = self.axes
         dev = torch.device(device)
-        c = (
-            torch.arange(self.width, dtype=torch.float64, device=dev) + 0.5 - self.width / 2
-        ) * self.pixel_size
-        r = (
-            torch.arange(self.height, dtype=torch.float64, device=dev) + 0.5 - self.height / 2
-        ) * self.pixel_size
+        cols = torch.arange(self.width, dtype=torch.float64, device=dev) + 0.5
+        rows = torch.arange(self.height, dtype=torch.float64, device=dev) + 0.5
         ctr = torch.as_tensor(self.detector_center, device=dev)
         rt = torch.as_tensor(right, device=dev)
         dn = -torch.as_tensor(up, device=dev)
-        return ctr + c[None, :, None] * rt + r[:, None, None] * dn
+        if not self.distorted:
+            c = (cols - self.width / 2) * self.pixel_size
+            r = (rows - self.height / 2) * self.pixel_size
+            return ctr + c[None, :, None] * rt + r[:, None, None] * dn
+        grid = torch.stack(torch.meshgrid(cols, rows, indexing="xy"), -1)  # (H, W, 2) as (col, row)
+        ideal = self.undistort(grid)
+        c = (ideal[..., 0] - self.width / 2) * self.pixel_size
+        r = (ideal[..., 1] - self.height / 2) * self.pixel_size
+        return ctr + c[..., None] * rt + r[..., None] * dn
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -116,6 +170,8 @@ class Camera:
                 "extrinsic": self.world_to_camera.tolist(),
                 "world_frame": "NIfTI RAS+ world of the case's CT, mm",
                 "pixels": "pixel (col,row) centres at integer+0.5; P=K[R|t] maps world -> (col,row)",
+                "distortion": "stored = warp(ideal): ideal = c + (1 - k rho^2) Rot(-s rho^2) (stored - c), "
+                "rho = |stored - c| / (max(H, W) / 2); k = distortion_k, s = distortion_s (0: none)",
             }
         )
         return d
@@ -124,7 +180,7 @@ class Camera:
     def from_json(cls, d: dict[str, Any]) -> Camera:
         keys = {
             "height", "width", "pixel_size", "sdd", "sod", "primary_deg", "secondary_deg", "isocenter",
-            "table_shift", "view",
+            "table_shift", "view", "distortion_k", "distortion_s",
         }  # fmt: skip
         kw = {k: d[k] for k in keys if k in d}
         kw["isocenter"] = tuple(kw["isocenter"])
@@ -190,19 +246,77 @@ def sample_camera(
     )
 
 
-def sample_radiograph_camera(rng: np.random.Generator, chest_center: np.ndarray, size: int = 256) -> Camera:
-    """A chest radiograph instead of a C-arm shot: the whole thorax on a large detector near the patient.
+def carm_camera(
+    rng: np.random.Generator,
+    aim: np.ndarray,
+    primary_deg: float,
+    secondary_deg: float,
+    size: int = 256,
+    view: str = "custom",
+    detector_mm: tuple[float, float] = (300.0, 400.0),
+    magnification: tuple[float, float] = (1.33, 1.8),
+    shift_sd_mm: float = 15.0,
+    distortion: tuple[float, float] = (0.0, 0.0),
+) -> Camera:
+    """A C-arm shot at given DICOM angles aimed at ``aim`` (world mm).
+
+    SID 900-1200 mm, the isocentre at ``aim`` plus a table shift, magnification SID/SOD drawn from
+    ``magnification`` (a C-arm's ~1.3-1.8) and the detector side (II diameter or flat-panel side) from
+    ``detector_mm``; ``distortion``: the image intensifier's (pincushion k, S-twist s), 0 for a flat panel.
+    """
+    sdd = float(rng.uniform(900.0, 1200.0))
+    det = float(rng.uniform(*detector_mm))
+    sod = float(sdd / rng.uniform(*magnification))
+    shift = rng.normal(0.0, shift_sd_mm, size=3)
+    iso = np.asarray(aim, dtype=np.float64) + shift
+    return Camera(
+        height=size,
+        width=size,
+        pixel_size=det / size,
+        sdd=sdd,
+        sod=sod,
+        primary_deg=float(primary_deg),
+        secondary_deg=float(secondary_deg),
+        isocenter=tuple(float(x) for x in iso),
+        table_shift=tuple(float(x) for x in shift),
+        view=view,
+        distortion_k=float(distortion[0]),
+        distortion_s=float(distortion[1]),
+    )
+
+
+def sample_radiograph_camera(
+    rng: np.random.Generator,
+    chest_center: np.ndarray,
+    size: int = 256,
+    *,
+    primary_deg: float = 0.0,
+    secondary_deg: float = 0.0,
+    sdd_mm: tuple[float, float] | None = None,
+    object_detector_mm: tuple[float, float] = (110.0, 200.0),
+    detector_mm: tuple[float, float] = (350.0, 430.0),
+    shift_sd_mm: float = 10.0,
+    view: str = "radiograph",
+) -> Camera:
+    """A radiograph instead of a C-arm shot: a large detector near the patient, the source far away.
 
     Radiographs are where the real evaluation images come from, and their geometry is unlike a C-arm's:
     the source is 1.0 m (bedside AP) to 1.8 m (erect PA) away, the chest is 11-20 cm from the detector
     (magnification 1.07-1.25 rather than the C-arm's ~1.5) and a 35-43 cm detector shows both lungs at
-    once. The image keeps the standard display (patient's left on the image's right), so the pose stays
-    near 0°/0° with the small tilts of a patient who is not perfectly upright.
+    once. The defaults are that chest radiograph; other body parts pass their own pose (``primary_deg``,
+    ``secondary_deg``, jittered by a patient who is not perfectly placed), source distance ``sdd_mm``
+    (None: the chest's mix of 60% erect 1.5-1.83 m and 40% bedside 0.95-1.15 m), object-to-detector
+    distance (an extremity lies on the detector: a few cm) and detector side. There is never a round
+    collimator; the image keeps the standard display (patient's left on the image's right at 0°/0°).
     """
-    sdd = float(rng.uniform(1500.0, 1830.0) if rng.random() < 0.6 else rng.uniform(950.0, 1150.0))
-    odd = float(rng.uniform(110.0, 200.0))  # chest centre to detector
-    det = float(rng.uniform(350.0, 430.0))
-    shift = rng.normal(0.0, 10.0, size=3)
+    erect = rng.random() < 0.6
+    if sdd_mm is None:
+        sdd = float(rng.uniform(1500.0, 1830.0) if erect else rng.uniform(950.0, 1150.0))
+    else:
+        sdd = float(rng.uniform(*sdd_mm))
+    odd = float(rng.uniform(*object_detector_mm))  # aimed structure's centre to detector
+    det = float(rng.uniform(*detector_mm))
+    shift = rng.normal(0.0, shift_sd_mm, size=3)
     iso = np.asarray(chest_center, dtype=np.float64) + shift
     return Camera(
         height=size,
@@ -210,9 +324,9 @@ def sample_radiograph_camera(rng: np.random.Generator, chest_center: np.ndarray,
         pixel_size=det / size,
         sdd=sdd,
         sod=sdd - odd,
-        primary_deg=float(rng.normal(0.0, 3.0)),
-        secondary_deg=float(rng.normal(0.0, 5.0)),
+        primary_deg=float(primary_deg + rng.normal(0.0, 3.0)),
+        secondary_deg=float(secondary_deg + rng.normal(0.0, 5.0)),
         isocenter=tuple(float(x) for x in iso),
         table_shift=tuple(float(x) for x in shift),
-        view="radiograph",
+        view=view,
     )

@@ -3,6 +3,12 @@
 Tools are unions of capped cylinders, hollow tubes and boxes (minus hole cylinders), so each ray's path length
 through a tool is closed-form: no voxelisation, sub-millimetre wires stay sharp at any image size, and the
 tool adds to its material's line integral in the same projector pass as the anatomy.
+
+Placement: without a region (``sample_tools(..., region=None)``) tools go anywhere on the anatomy, as before.
+With a region, each tool goes where a surgeon puts it for that region, from the body's own landmarks
+(``tool_sites``): cannulated screws and K-wires in the femoral neck, sacroiliac screws, pedicle screws in
+bilateral pairs, plates on the distal radius, clavicle, proximal humerus and tibia, drill bits on those
+trajectories, guidewires and catheters along the body's vessels (or the path a femoral access takes).
 """
 
 from __future__ import annotations
@@ -69,6 +75,14 @@ class Tool:
     category_id: int
     material: str
     parts: list[tuple[str, dict[str, Any], float]] = field(default_factory=list)
+    site: str = ""  # where it was placed (e.g. "femoral_neck"); "" for region-free placement
+    target: str = ""  # the structure its tip is in (vocabulary name)
+    tip: np.ndarray | None = None  # the point meant to lie in ``target`` (world mm)
+
+    def segments(self) -> list[tuple[np.ndarray, np.ndarray, float]]:
+        """(p0, p1, radius) of the positive cylinders: the centre lines the projector rasterises so thin
+        parts (wires) keep a continuous mask of at least one pixel at any image size."""
+        return [(p["p0"], p["p1"], float(p["r"])) for k, p, sgn in self.parts if k == "cyl" and sgn > 0]
 
     def add_cylinder(self, p0, p1, radius: float, sign: float = 1.0) -> None:
         self.parts.append(
@@ -134,10 +148,18 @@ class Tool:
         return out
 
     def to_json(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        if self.site:
+            extra["site"] = self.site
+        if self.target:
+            extra["target"] = self.target
+        if self.tip is not None:
+            extra["tip"] = [float(x) for x in self.tip]
         return {
             "name": self.name,
             "category_id": self.category_id,
             "material": self.material,
+            **extra,
             "parts": [
                 {
                     "kind": k,
@@ -191,17 +213,32 @@ def make_kwire(rng: np.random.Generator, vol: PreparedVolume) -> Tool | None:
     return t
 
 
-def _screw(tool: Tool, tip: np.ndarray, head_end: np.ndarray, r: float, head_r: float, head_h: float) -> None:
+def _screw(
+    tool: Tool,
+    tip: np.ndarray,
+    head_end: np.ndarray,
+    r: float,
+    head_r: float,
+    head_h: float,
+    thread_len: float | None = None,
+    cannula_r: float = 0.0,
+) -> None:
+    """A screw from ``tip`` to ``head_end``: core, thread crests over ``thread_len`` from the tip (all of it
+    when None), a head of ``head_r`` x ``head_h`` (none when ``head_h`` is 0) and an optional cannulation."""
     axis = _unit(head_end - tip)
     length = float(np.linalg.norm(head_end - tip))
-    n = int(np.clip(length / 2.5, 4, 24))
+    threaded = length if thread_len is None else float(np.clip(thread_len, 2.5, length))
+    n = int(np.clip(threaded / 2.5, 4, 24)) if thread_len is None else max(2, round(threaded / 2.5))
     core = 0.72 * r
     tool.add_cylinder(tip, head_end, core)
     for i in range(n):  # thread crests: short full-radius rings, one per pitch
-        a = tip + axis * (length * (i + 0.25) / n)
-        tool.add_cylinder(a, a + axis * (0.5 * length / n), r)
-        tool.add_cylinder(a, a + axis * (0.5 * length / n), core, sign=-1.0)
-    tool.add_cylinder(head_end, head_end + axis * head_h, head_r)
+        a = tip + axis * (threaded * (i + 0.25) / n)
+        tool.add_cylinder(a, a + axis * (0.5 * threaded / n), r)
+        tool.add_cylinder(a, a + axis * (0.5 * threaded / n), core, sign=-1.0)
+    if head_h > 0:
+        tool.add_cylinder(head_end, head_end + axis * head_h, head_r)
+    if cannula_r > 0:
+        tool.add_cylinder(tip, head_end + axis * head_h, cannula_r, sign=-1.0)
 
 
 def make_bone_screw(rng: np.random.Generator, vol: PreparedVolume) -> Tool | None:
@@ -355,9 +392,22 @@ TOOL_MAKERS = {
 
 
 def sample_tools(
-    rng: np.random.Generator, vol: PreparedVolume, p_none: float = 0.3, max_kinds: int = 3
+    rng: np.random.Generator,
+    vol: PreparedVolume,
+    p_none: float = 0.3,
+    region: str | None = None,
+    max_kinds: int = 3,
 ) -> list[Tool]:
-    """A random, plausible tool set for one scenario (possibly empty)."""
+    """A random, plausible tool set for one scenario (possibly empty).
+
+    ``region`` None: anywhere on the anatomy (the original behaviour: same draws, same tools for a seed).
+    A region name: 1-``max_kinds`` tool sites that make sense there (``tool_sites.REGION_SITES``), placed
+    from the body's landmarks; raises when the body does not have the region.
+    """
+    if region is not None:
+        from train.synth.tool_sites import sample_region_tools  # tool_sites builds on this module
+
+        return sample_region_tools(rng, vol, region, p_none=p_none, max_kinds=max_kinds)
     if rng.random() < p_none:
         return []
     names = list(TOOL_MAKERS)
