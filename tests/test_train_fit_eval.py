@@ -203,3 +203,13 @@ def test_sigterm_checkpoints_and_auto_resume_continues_the_ledger(toy: Path, tmp
     assert int(rows[1]["start_step"]) == first_steps
     assert int(rows[1]["end_step"]) == first_steps + 2
     assert int(torch.load(out / "last.pt", weights_only=False)["step"]) == first_steps + 2
+
+
+def test_data_globs_expand_to_the_chunks_that_exist(tmp_path: Path) -> None:
+    from train.fit import expand_data_paths
+
+    for name in ("chunk_002", "chunk_000", "other"):
+        (tmp_path / name).mkdir()
+    got = expand_data_paths([str(tmp_path / "chunk_*"), str(tmp_path / "other")])
+    assert got == [str(tmp_path / "chunk_000"), str(tmp_path / "chunk_002"), str(tmp_path / "other")]
+    assert expand_data_paths([str(tmp_path / "missing_*")]) == []

@@ -38,6 +38,7 @@ from torch import nn
 
 from fluorosam_rt.model.config import ModelConfig, load_model_config, small_realtime
 from fluorosam_rt.model.sam import FluoroSAM
+from fluorosam_rt.text.base import normalize_prompt
 from train.augment import AugmentConfig
 from train.data import (
     ConcatXray,
@@ -329,14 +330,28 @@ def _bn_eval(module: nn.Module) -> None:
             m.eval()
 
 
+def expand_data_paths(paths: list[str]) -> list[str]:
+    """Data roots, with glob patterns expanded (sorted), e.g. ``out/mb/chunk_*``.
+
+    A data engine that writes its output in chunks, each renamed into place when complete, can run
+    beside a training run with ``rescan_data``: every epoch picks up the chunks finished meanwhile.
+    """
+    import glob
+
+    out: list[str] = []
+    for p in paths:
+        out.extend(sorted(glob.glob(p)) if glob.has_magic(p) else [p])
+    return out
+
+
 def _training_datasets(cfg: FitConfig) -> XrayDataset:
     from train.fluoroseg import FluoroSegDataset, is_fluoroseg
 
     sets = []
-    for p in cfg.data:
+    for p in expand_data_paths(cfg.data):
         sets.append(FluoroSegDataset(p, "train") if is_fluoroseg(p) else open_dataset(p))
     if not sets:
-        raise ValueError("no training data: set data: [...] in the config or pass --data")
+        raise ValueError(f"no training data in {cfg.data}: set data: [...] in the config or pass --data")
     return sets[0] if len(sets) == 1 else ConcatXray(sets)
 
 
@@ -471,7 +486,8 @@ def fit(cfg: FitConfig, resume: str | None = None) -> dict[str, Any]:
     bank = TextFeatureBank.build(texts, enc, cache)
     if d.world > 1 and d.main:
         dist.barrier()
-    del enc
+    if not cfg.rescan_data:
+        del enc  # with rescans, new data may bring phrasings the bank lacks: keep the encoder
     canonical = torch.stack([bank.features[bank.idx(s.prompt)] for s in ds.structures.values()])
 
     start_step = 0
@@ -566,6 +582,11 @@ def fit(cfg: FitConfig, resume: str | None = None) -> dict[str, Any]:
             if cfg.rescan_data and d.world == 1:
                 # Picks up chunks the data engine finished meanwhile; order stays seeded by epoch.
                 images.ds = _training_datasets(cfg)
+                new_texts = all_prompt_texts([images.ds])
+                if any(normalize_prompt(t) not in bank.index for t in new_texts):
+                    bank = TextFeatureBank.build([*bank.texts, *new_texts], enc, cache)
+                    images.bank = bank
+                    step_module.features = bank.features.to(d.device)
                 batches = EpochBatches(len(images), cfg.global_batch, d.rank, d.world, cfg.seed)
         idx = batches.batch(epoch, j)
         batch = {k: v.to(d.device) for k, v in load_batch(idx, epoch).items()}
