@@ -297,10 +297,16 @@ class TextFeatureBank:
 
 
 def all_prompt_texts(datasets: Iterable[XrayDataset]) -> list[str]:
+    """Every text training may use: prompts and phrasings, minus the vocabulary's held-out phrasings
+    (they must not reach the text-feature bank, nor the VQ codebook snapped from it)."""
+    from train.synth.vocabulary import default_heldout_keys
+
+    heldout = default_heldout_keys()
     out: set[str] = set()
     for ds in datasets:
         for info in ds.structures.values():
-            out.update(info.texts)
+            out.add(info.prompt)
+            out.update(p for p in info.phrasings if normalize_prompt(p) not in heldout)
     return sorted(out)
 
 

@@ -1,7 +1,8 @@
 """Prompt sampling for training, and the deterministic click protocol used by evaluation.
 
-Per image the trainer draws K prompts: present structures in one of their phrasings (the
-canonical prompt half of the time, so the node's own vocabulary is always well covered), and,
+Per image the trainer draws K prompts: present structures in one of their *training* phrasings (the
+canonical prompt half of the time, so the node's own vocabulary is always well covered; a held-out
+phrasing of the vocabulary is never drawn, whatever a data set's categories.json lists), and,
 with some probability, an *absent* structure whose target is empty, so that the model learns to
 say "not here" through a low predicted IoU. Clicks are added in the training step itself,
 because the best clicks depend on the model's current mistakes (error-region sampling).
@@ -16,8 +17,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from fluorosam_rt.text.base import normalize_prompt
 from train.augment import AugmentConfig, augment
-from train.data import TextFeatureBank, XrayDataset, mask_to_model_frame
+from train.data import StructureInfo, TextFeatureBank, XrayDataset, mask_to_model_frame
+from train.synth.vocabulary import default_heldout_keys
 
 
 @dataclass(frozen=True)
@@ -54,9 +57,19 @@ def choose_prompts(
     return out
 
 
+def training_alternatives(info: StructureInfo) -> list[str]:
+    """The phrasings training may draw besides the prompt: never one the vocabulary holds out.
+
+    Data sets written before the split list held-out phrasings among their ``phrasings``; filtering here
+    keeps them out of training whatever the data set says.
+    """
+    heldout = default_heldout_keys()
+    return [p for p in info.phrasings if p != info.prompt and normalize_prompt(p) not in heldout]
+
+
 def choose_text(ds: XrayDataset, name: str, rng: np.random.Generator, cfg: PromptSamplingConfig) -> str:
     info = ds.structures[name]
-    alts = [p for p in info.phrasings if p != info.prompt]
+    alts = training_alternatives(info)
     if not alts or rng.random() < cfg.p_canonical:
         return info.prompt
     return str(rng.choice(alts))

@@ -1,17 +1,24 @@
 """The prompt vocabulary (configs/vocabulary.yaml): structures, hierarchical groups and tools.
 
 One file serves the data engine and the node's prompt cache, so ids and canonical prompts cannot drift apart.
+Each entry's hand-written phrasings are expanded at load by ``fluorosam_rt.phrasings`` (laterality, numbering,
+plural, misspelling variants) and split into training and held-out phrasings; training only ever sees the
+former, the robustness evaluation the latter.
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from fluorosam_rt.phrasings import expand_vocabulary
+from fluorosam_rt.text.base import normalize_prompt
 
 DEFAULT_VOCABULARY = Path(__file__).resolve().parents[2] / "configs" / "vocabulary.yaml"
 USER_TOOL_PLACEHOLDER = "custom_tool"  # the vocabulary's category for users' STL tools
@@ -31,18 +38,23 @@ class Category:
     id: int
     name: str
     prompt: str
-    phrasings: tuple[str, ...]
+    phrasings: tuple[str, ...]  # every phrasing but the canonical prompt: train_phrasings + heldout_phrasings
     kind: str  # "structure" | "group" | "tool"
     members: tuple[str, ...] = ()
     material: str | None = None
+    synonyms: tuple[str, ...] = ()  # the hand-written phrasings in the YAML, before expansion
+    train_phrasings: tuple[str, ...] = ()
+    heldout_phrasings: tuple[str, ...] = ()  # never used in training; for the robustness evaluation
 
     def to_coco(self) -> dict[str, Any]:
+        """A data set's category: ``phrasings`` training may use, ``heldout_phrasings`` it may not."""
         return {
             "id": self.id,
             "name": self.name,
             "supercategory": self.kind,
             "prompt": self.prompt,
-            "phrasings": list(self.phrasings),
+            "phrasings": list(self.train_phrasings),
+            "heldout_phrasings": list(self.heldout_phrasings),
         }
 
 
@@ -52,19 +64,27 @@ class Vocabulary:
     def __init__(self, doc: dict[str, Any]):
         self._doc = doc
         self.categories: list[Category] = []
+        expanded = expand_vocabulary(doc)
         for kind, key in (("structure", "structures"), ("group", "groups"), ("tool", "tools")):
             for e in doc.get(key, []):
+                ex = expanded[str(e["name"])]
                 self.categories.append(
                     Category(
                         id=int(e["id"]),
                         name=str(e["name"]),
                         prompt=str(e["prompt"]),
-                        phrasings=tuple(e.get("phrasings") or ()),
+                        phrasings=tuple(p.text for p in ex.phrasings),
                         kind=kind,
                         members=tuple(e.get("members") or ()),
                         material=e.get("material"),
+                        synonyms=ex.synonyms,
+                        train_phrasings=ex.train,
+                        heldout_phrasings=ex.heldout_phrasings,
                     )
                 )
+        self.heldout_keys = frozenset(
+            normalize_prompt(p) for c in self.categories for p in c.heldout_phrasings
+        )
         self.by_name = {c.name: c for c in self.categories}
         self.by_id = {c.id: c for c in self.categories}
         if len(self.by_name) != len(self.categories) or len(self.by_id) != len(self.categories):
@@ -155,11 +175,21 @@ class Vocabulary:
             base = self.by_name[USER_TOOL_PLACEHOLDER]
             if key is not None:
                 entry["prompt"] = key
-                entry["phrasings"] = [p for p in (base.prompt, *base.phrasings) if p != key]
+                entry["phrasings"] = [p for p in (base.prompt, *base.synonyms) if p != key]
             else:
-                entry["prompt"], entry["phrasings"] = base.prompt, list(base.phrasings)
+                entry["prompt"], entry["phrasings"] = base.prompt, list(base.synonyms)
             entry["material"] = mat
         return Vocabulary(doc), [ids[n] for n in names]
 
     def coco_categories(self) -> list[dict[str, Any]]:
         return [c.to_coco() for c in self.categories]
+
+    def is_heldout(self, text: str) -> bool:
+        """Whether a text is a held-out phrasing of some entry (training must never use it)."""
+        return normalize_prompt(text) in self.heldout_keys
+
+
+@functools.cache
+def default_heldout_keys() -> frozenset[str]:
+    """Normalised held-out phrasings of the default vocabulary, loaded once per process."""
+    return Vocabulary.load().heldout_keys
