@@ -20,7 +20,11 @@ Design decisions (the why):
   convention that models are trained on. The inversion is ``lo + hi - v`` over the nominal
   output range of the last applied stage (the VOI window's output range, the LUT's data range,
   or the stored-value range), so it does not depend on the image content.
-* **Multi-frame DICOM**: :func:`read_dicom_frames` returns every frame; :func:`read_image`
+* **Compressed DICOM**: every transfer syntax in ``dicom_codecs.SYNTAXES`` whose decoder is
+  installed; the pixel data is checked before decoding (``dicom_codestream``), so a truncated
+  stream or a frame count that disagrees with the data is an error, not a garbled image.
+* **Multi-frame DICOM**: :func:`read_dicom_frames` returns every frame (enhanced objects with
+  each frame's own window, rescale, geometry and time); :func:`read_image`
   returns only frame 0 (and decodes only that frame), because the segmentation node works on
   single frames. ``meta["num_frames"]`` tells the caller that more frames exist.
 * **Errors** are :class:`ImageReadError` (a ``ValueError``) whose message names the file and the
@@ -297,13 +301,26 @@ def _open_dicom(path: Path, force: bool) -> Any:
         raise _fail(path, f"corrupt or unreadable DICOM data ({type(exc).__name__}: {exc})") from exc
 
 
-def _decode_frames(ds: Any, path: str, index: int | None) -> np.ndarray:
-    """Decoded stored values; frames first (F, H, W[, C]) when several, or one frame when index given."""
+def _check_pixel_data(ds: Any, path: str) -> Any:
+    """Frame count and compressed-stream checks (dicom_codestream) before any decoder runs."""
+    from .dicom_codestream import check_pixel_data
+
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise _fail(path, "DICOM dataset has no pixel data (no PixelData element)")
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if rows == 0 or cols == 0:
         raise _fail(path, f"DICOM image has zero size (Rows={rows}, Columns={cols})")
+    try:
+        return check_pixel_data(ds)
+    except ImageReadError as exc:
+        raise _fail(path, str(exc)) from exc
+
+
+def _decode_frames(ds: Any, path: str, index: int | None) -> np.ndarray:
+    """Decoded stored values; frames first (F, H, W[, C]) when several, or one frame when index given."""
+    from .dicom_codecs import install_decoders
+
+    install_decoders()
     try:
         if index is None:
             arr = ds.pixel_array
@@ -316,10 +333,70 @@ def _decode_frames(ds: Any, path: str, index: int | None) -> np.ndarray:
         ts_name = getattr(ts, "name", str(ts))
         raise _fail(
             path,
-            f"cannot decode DICOM pixel data (transfer syntax {ts_name}): {type(exc).__name__}: {exc}. "
-            "Compressed syntaxes need a pixel-data plugin such as pylibjpeg + pylibjpeg-openjpeg.",
+            f"cannot decode DICOM pixel data (transfer syntax {ts_name}): {type(exc).__name__}: "
+            + str(exc).replace("\n", " ").strip(),
         ) from exc
     return np.asarray(arr)
+
+
+# Attributes the display pipeline reads; a frame's view of the data set holds only these.
+_PIPELINE_KEYS = (
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "RescaleType",
+    "ModalityLUTSequence",
+    "WindowCenter",
+    "WindowWidth",
+    "VOILUTFunction",
+    "VOILUTSequence",
+)
+
+
+def _frame_view(ds: Any, index: int, stream_bits: int | None) -> Any:
+    """The data set as the display pipeline should see frame ``index``.
+
+    Enhanced objects keep rescale and window per frame (functional groups); a compressed stream
+    whose sample precision exceeds Bits Stored (a 16-bit JPEG 2000 in a "12-bit" object) is
+    read at the stream's precision, or inversion and windowing would treat real values as
+    overflow. Without either, the data set itself.
+    """
+    from .dicom_functional_groups import frame_pixel_attributes, has_functional_groups
+
+    overrides = frame_pixel_attributes(ds, index) if has_functional_groups(ds) else {}
+    bits_stored = int(ds.get("BitsStored", 0) or 0)
+    widen = stream_bits is not None and stream_bits > bits_stored
+    if not overrides and not widen:
+        return ds
+    import pydicom
+
+    view = pydicom.Dataset()
+    for kw in _PIPELINE_KEYS:
+        if kw in ds:
+            setattr(view, kw, ds[kw].value)
+    for kw, value in overrides.items():
+        setattr(view, kw, value)
+    if widen:
+        view.BitsStored, view.HighBit = stream_bits, stream_bits - 1  # type: ignore[operator]
+    return view
+
+
+def _applied_window(ds: Any, voi: str) -> dict[str, float]:
+    """The window centre and width applied to a frame (published, so a viewer can match it)."""
+    if voi != "window":
+        return {}
+    try:
+        c, w = ds.WindowCenter, ds.WindowWidth
+        c = c[0] if hasattr(c, "__len__") and not isinstance(c, str) else c
+        w = w[0] if hasattr(w, "__len__") and not isinstance(w, str) else w
+        return {"WindowCenter": float(c), "WindowWidth": float(w)}
+    except (AttributeError, TypeError, ValueError, IndexError):
+        return {}
 
 
 def _dicom_frame_image(frame: np.ndarray, ds: Any, meta: dict[str, Any], path: str) -> XrayImage:
@@ -337,7 +414,7 @@ def _dicom_frame_image(frame: np.ndarray, ds: Any, meta: dict[str, Any], path: s
         pixels = _dicom_to_native(out)
     pixels = _check_size(np.ascontiguousarray(pixels), path)
     meta = dict(meta)
-    meta.update(inverted=inverted, voi=voi)
+    meta.update(inverted=inverted, voi=voi, **_applied_window(ds, voi))
     return XrayImage(pixels=pixels, meta=meta)
 
 
@@ -345,9 +422,15 @@ def read_dicom_frames(ds_or_path: Any) -> list[XrayImage]:
     """Every frame of a DICOM image through the display pipeline (one ``XrayImage`` per frame).
 
     Accepts a path or an already-read ``pydicom.Dataset`` (a node that received it over DICOM
-    networking should not have to write it to disk first). VOI settings of the first view
-    (index 0) apply to all frames; per-frame functional groups are not consulted.
+    networking should not have to write it to disk first). Enhanced objects: each frame gets
+    its own rescale, window, pixel spacing, positioner angles, source distances and acquisition
+    times from the functional groups (shared, then per-frame). Multi-frame objects: each frame's
+    ``frame_interval_ms`` (time to the next frame) comes from Frame Time Vector, Frame Time or
+    the frames' acquisition times. The pixel data is checked first (frame count, each
+    compressed stream's markers and size: ``dicom_codestream``).
     """
+    from .dicom_functional_groups import frame_intervals_ms, frame_meta, has_functional_groups
+
     import pydicom
 
     if isinstance(ds_or_path, pydicom.Dataset):
@@ -357,25 +440,36 @@ def read_dicom_frames(ds_or_path: Any) -> list[XrayImage]:
         p = _existing(ds_or_path)
         ds = _open_dicom(p, force=True)
         path = str(p)
+    check = _check_pixel_data(ds, path)
     arr = _decode_frames(ds, path, None)
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    n_frames = check.n_frames
     spp = int(ds.get("SamplesPerPixel", 1) or 1)
     frames = arr if n_frames > 1 else arr[None]
-    if (spp == 1 and frames.ndim != 3) or (spp > 1 and frames.ndim != 4):
-        raise _fail(path, f"unexpected decoded pixel array shape {arr.shape}")
+    if (spp == 1 and frames.ndim != 3) or (spp > 1 and frames.ndim != 4) or len(frames) != n_frames:
+        raise _fail(path, f"unexpected decoded pixel array shape {arr.shape} for {n_frames} frames")
     meta = _dicom_meta(ds, path)
     meta["num_frames"] = n_frames
+    if check.precision is not None and check.precision > int(ds.get("BitsStored", 0) or 0):
+        meta["stream_bits"] = check.precision  # read at the stream's precision, not Bits Stored
+    enhanced = has_functional_groups(ds)
+    metas = [{**meta, **frame_meta(ds, i)} if enhanced else dict(meta) for i in range(n_frames)]
+    intervals = frame_intervals_ms(ds, metas)
     images = []
     for i, frame in enumerate(frames):
-        img = _dicom_frame_image(frame, ds, meta, path)
+        img = _dicom_frame_image(frame, _frame_view(ds, i, check.precision), metas[i], path)
         img.meta["frame_index"] = i
+        if intervals[i] is not None:
+            img.meta["frame_interval_ms"] = intervals[i]
         images.append(img)
     return images
 
 
 def _read_dicom_first(path: Path, force: bool) -> XrayImage:
+    from .dicom_functional_groups import frame_meta, has_functional_groups
+
     ds = _open_dicom(path, force=force)
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    check = _check_pixel_data(ds, str(path))
+    n_frames = check.n_frames
     frame = _decode_frames(ds, str(path), 0 if n_frames > 1 else None)
     expected = 3 if int(ds.get("SamplesPerPixel", 1) or 1) > 1 else 2
     if frame.ndim != expected:
@@ -383,7 +477,9 @@ def _read_dicom_first(path: Path, force: bool) -> XrayImage:
     meta = _dicom_meta(ds, str(path))
     meta["num_frames"] = n_frames
     meta["frame_index"] = 0
-    return _dicom_frame_image(frame, ds, meta, str(path))
+    if has_functional_groups(ds):
+        meta.update(frame_meta(ds, 0))
+    return _dicom_frame_image(frame, _frame_view(ds, 0, check.precision), meta, str(path))
 
 
 def _existing(path: str | os.PathLike[str]) -> Path:

@@ -40,6 +40,7 @@ GEOMETRY_KEYS = (
     "ImagerPixelSpacing",
     "DistanceSourceToDetector",
     "DistanceSourceToPatient",
+    "DistanceSourceToIsocenter",
     "PositionerPrimaryAngle",
     "PositionerSecondaryAngle",
     "FrameTime",

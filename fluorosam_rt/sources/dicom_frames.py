@@ -51,6 +51,11 @@ def dataset_meta(ds: Any) -> dict[str, Any]:
         v = ds.get(kw)
         if v is not None and str(v) != "":
             meta[kw] = str(v)
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if ts:  # how the frame arrived: a consumer may treat lossy-compressed frames differently
+        meta["TransferSyntaxUID"] = str(ts)
+    if str(ds.get("LossyImageCompression", "")) == "01":
+        meta["LossyImageCompression"] = "01"
     ft = _first_float(ds, "FrameTime")
     if ft is not None and ft > 0:
         meta["FrameTime"] = ft

@@ -9,9 +9,17 @@ Why these choices:
   of resources" for frames over the configured size limits (pixels per frame, bytes per decoded
   frame, frames per object) or when the frame queue is full.
   The sender can then retry or alert; the node keeps running.
+* The SCP accepts exactly the transfer syntaxes it can decode, asked from pydicom's installed
+  decoders when it starts (``dicom_codecs.decodable_syntaxes``), for every storage SOP class:
+  a sender proposing anything else (MPEG video, a JPEG whose decoder is missing) has that
+  presentation context refused at association time, before it sends a byte of pixels.
 * A multi-frame cine arrives in one object. Its frames are played into the stream at their own
-  frame time (FrameTime, else ``multiframe_fps``) by one pacing thread, because latest-frame-wins
-  would otherwise keep only the last frame of every object.
+  times (Frame Time Vector, Frame Time, or an enhanced object's per-frame acquisition times;
+  else ``multiframe_fps``) by one pacing thread, because latest-frame-wins would otherwise keep
+  only the last frame of every object. Every frame is decoded and checked before the answer,
+  so a Success status means every frame entered the queue.
+* Every refusal is logged at WARNING with its reason (never with patient identifiers) and
+  counted by reason in ``rejected``.
 * Optional TLS (DICOM PS3.15 B.1, the "basic TLS secure transport" profile) through pynetdicom's
   ``ssl_context``: TLS 1.2 at least, and with a CA file only clients holding a certificate that
   CA signed get an association (mutual TLS). Key files that cannot be used stop the start-up
@@ -112,6 +120,18 @@ def server_tls_context(
     return ctx
 
 
+def accepted_transfer_syntaxes() -> list[str]:
+    """The transfer syntaxes the SCP accepts: those an installed decoder handles, asked now."""
+    from ..dicom_codecs import decodable_syntaxes
+
+    return [s.uid for s in decodable_syntaxes()]
+
+
+def _comment(reason: str) -> str:
+    """The 0xC000 answer's Error Comment (64 characters at most, PS3.7 C.4.2.1.4)."""
+    return reason.replace("\\", "/")[:64]
+
+
 def _ssl_reason(exc: Exception) -> str:
     reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
     return str(reason).replace("\n", " ")
@@ -154,6 +174,7 @@ class DicomStorageSource(Source):
         self.network_timeout_s = float(network_timeout_s)
         self.objects_received = 0
         self.status_counts: dict[int, int] = {}
+        self.transfer_syntaxes: list[str] = []  # accepted; set when the server starts
         self._pending: queue.Queue[tuple[np.ndarray, dict[str, Any], float]] = queue.Queue(max_pending_frames)
         self._server: Any = None
         self._pacer: threading.Thread | None = None
@@ -167,11 +188,12 @@ class DicomStorageSource(Source):
         return self._server.server_address[:2]
 
     def _start(self) -> None:
-        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+        from pynetdicom import AE, evt
 
         ae = AE(ae_title=self.ae_title)
+        self.transfer_syntaxes = accepted_transfer_syntaxes()
         for uid in XRAY_STORAGE_SOP_CLASSES:
-            ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
+            ae.add_supported_context(uid, self.transfer_syntaxes)
         ae.add_supported_context(VERIFICATION_SOP_CLASS)
         ae.maximum_associations = self.max_associations
         ae.maximum_pdu_size = self.max_pdu_size
@@ -209,11 +231,12 @@ class DicomStorageSource(Source):
         if sock is not None:
             sock.settimeout(self.network_timeout_s)
 
-    def _answer(self, status: int, comment: str = "") -> Any:
+    def _answer(self, status: int, comment: str = "", reason: str = "") -> Any:
         with self._lock:
             self.status_counts[status] = self.status_counts.get(status, 0) + 1
         if status == STATUS_SUCCESS:
             return status
+        log.warning("C-STORE refused with status 0x%04X: %s", status, reason or comment)
         from pydicom import Dataset
 
         ds = Dataset()
@@ -229,11 +252,9 @@ class DicomStorageSource(Source):
             ds = event.dataset
             ds.file_meta = event.file_meta
         except Exception as exc:
-            self.reject("cannot_understand", f"undecodable data set: {type(exc).__name__}")
-            log.debug(
-                "C-STORE from %s: data set cannot be parsed, status 0x%04X", calling, STATUS_CANNOT_UNDERSTAND
-            )
-            return self._answer(STATUS_CANNOT_UNDERSTAND, "data set cannot be parsed")
+            reason = f"undecodable data set: {type(exc).__name__}"
+            self.reject("cannot_understand", reason)
+            return self._answer(STATUS_CANNOT_UNDERSTAND, "data set cannot be parsed", reason)
         answer = self._store(event, ds)
         status = answer if isinstance(answer, int) else int(answer.Status)
         log.debug("C-STORE from %s: status 0x%04X%s", calling, status, self._identifiers(ds))
@@ -266,28 +287,30 @@ class DicomStorageSource(Source):
         except (TypeError, ValueError):
             self.reject("cannot_understand", "bad Rows/Columns/NumberOfFrames")
             return self._answer(STATUS_CANNOT_UNDERSTAND, "bad Rows/Columns/NumberOfFrames")
+        reason = f"{n_frames} frames of {rows}x{cols} exceed the configured limits"
         if (
             rows * cols > self.max_frame_pixels
             or frame_bytes > self.max_frame_bytes
             or n_frames > self.max_object_frames
         ):
-            self.reject("too_large", f"{n_frames} frames of {rows}x{cols} exceed the configured limits")
-            return self._answer(STATUS_OUT_OF_RESOURCES, "frame size or count over the node's limit")
+            self.reject("too_large", reason)
+            return self._answer(STATUS_OUT_OF_RESOURCES, "frame size or count over the node's limit", reason)
         try:
             frames = dataset_frames(ds)
         except (ImageReadError, ValueError, TypeError, AttributeError, KeyError) as exc:
-            self.reject("cannot_understand", str(exc)[:300])
-            return self._answer(STATUS_CANNOT_UNDERSTAND, "pixel data cannot be decoded")
-        frame_time = frames[0][1].get("FrameTime")
-        interval = 0.0
-        if len(frames) > 1:
-            interval = frame_time / 1000.0 if frame_time else 1.0 / self.multiframe_fps
+            reason = str(exc).replace("cannot read image '<dataset>': ", "")[:300]
+            self.reject("cannot_understand", reason)
+            return self._answer(STATUS_CANNOT_UNDERSTAND, _comment(reason), reason)
         with self._lock:
             if self._pending.maxsize - self._pending.qsize() < len(frames):
                 self.reject("queue_full")
                 return self._answer(STATUS_OUT_OF_RESOURCES, "frame queue is full")
             for pixels, meta in frames:
                 meta["calling_ae"] = str(event.assoc.requestor.ae_title).strip()
+                interval = 0.0
+                if len(frames) > 1:
+                    ms = meta.get("frame_interval_ms")
+                    interval = ms / 1000.0 if ms else 1.0 / self.multiframe_fps
                 self._pending.put_nowait((pixels, meta, interval))
             self.objects_received += 1
         return self._answer(STATUS_SUCCESS)
