@@ -109,30 +109,34 @@ class Camera:
     def _half(self) -> float:
         return max(self.width, self.height) / 2.0
 
-    def undistort(self, uv: torch.Tensor) -> torch.Tensor:
-        """Stored-image pixel coordinates (..., 2) -> ideal pinhole ones (the warp's explicit direction)."""
-        if not self.distorted:
-            return uv
+    def _warp(self, uv: torch.Tensor, rho_from: torch.Tensor, inverse: bool) -> torch.Tensor:
         cx, cy = self.width / 2.0, self.height / 2.0
         dx, dy = uv[..., 0] - cx, uv[..., 1] - cy
-        rho2 = (dx * dx + dy * dy) / self._half() ** 2
-        scale = 1.0 - self.distortion_k * rho2
-        th = -self.distortion_s * rho2
+        rho2 = ((rho_from[..., 0] - cx) ** 2 + (rho_from[..., 1] - cy) ** 2) / self._half() ** 2
+        scale = 1.0 + self.distortion_k * rho2
+        th = self.distortion_s * rho2
+        if inverse:
+            scale, th = 1.0 / scale, -th
         c, s = torch.cos(th), torch.sin(th)
         return torch.stack([cx + scale * (c * dx - s * dy), cy + scale * (s * dx + c * dy)], -1)
 
     def distort(self, uv: np.ndarray) -> np.ndarray:
-        """Ideal pixel coordinates (N, 2) -> stored ones: ``undistort`` inverted by fixed-point steps."""
+        """Ideal pinhole pixel coordinates (N, 2) -> stored-image ones (the warp's explicit direction):
+        stored = c + (1 + k rho^2) Rot(s rho^2) (ideal - c), rho = |ideal - c| / (max(H, W) / 2)."""
         if not self.distorted:
             return uv
         ideal = torch.as_tensor(np.asarray(uv, dtype=np.float64))
-        d = ideal.clone()
-        for _ in range(50):
-            err = self.undistort(d) - ideal
-            d = d - err
-            if float(err.abs().max()) < 1e-9:
-                break
-        return d.numpy()
+        return self._warp(ideal, ideal, inverse=False).numpy()
+
+    def undistort(self, uv: torch.Tensor) -> torch.Tensor:
+        """Stored-image pixel coordinates (..., 2) -> ideal ones: ``distort`` inverted by fixed-point steps
+        (each step shrinks the error by about 2k rho^2, so 20 are exact to float64 inside the image)."""
+        if not self.distorted:
+            return uv
+        ideal = uv
+        for _ in range(20):
+            ideal = self._warp(uv, ideal, inverse=True)
+        return ideal
 
     def pixel_world(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """World position on the detector that each stored pixel centre sees, (H, W, 3) float64."""
@@ -170,8 +174,8 @@ class Camera:
                 "extrinsic": self.world_to_camera.tolist(),
                 "world_frame": "NIfTI RAS+ world of the case's CT, mm",
                 "pixels": "pixel (col,row) centres at integer+0.5; P=K[R|t] maps world -> (col,row)",
-                "distortion": "stored = warp(ideal): ideal = c + (1 - k rho^2) Rot(-s rho^2) (stored - c), "
-                "rho = |stored - c| / (max(H, W) / 2); k = distortion_k, s = distortion_s (0: none)",
+                "distortion": "stored = c + (1 + k rho^2) Rot(s rho^2) (ideal - c), rho = |ideal - c| / "
+                "(max(H, W) / 2), ideal = P-projected pixel; k = distortion_k, s = distortion_s (0: none)",
             }
         )
         return d

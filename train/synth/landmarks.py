@@ -157,7 +157,7 @@ class Anatomy:
         """Centre of the joint between bones ``a`` and ``b``: where their points come within ``tol_mm``.
 
         Mean of both bones' points that lie within ``tol_mm`` of the other (the articular surfaces); if
-        they never come that close, the midpoint of the two closest points. None if either is missing.
+        they never come that close, the midpoint of a closest pair. None if either is missing.
         """
         key = ("joint", a, b, tol_mm)
         if key not in self._memo:
@@ -165,12 +165,19 @@ class Anatomy:
             if len(pa) == 0 or len(pb) == 0:
                 self._memo[key] = None
             else:
-                da, db = _nearest_dist(pa, pb), _nearest_dist(pb, pa)
-                near = np.concatenate([pa[da <= tol_mm], pb[db <= tol_mm]])
+                # Only points inside the other bone's box (grown by the tolerance) can be near it.
+                ca = np.all((pa > pb.min(0) - tol_mm) & (pa < pb.max(0) + tol_mm), axis=1)
+                cb = np.all((pb > pa.min(0) - tol_mm) & (pb < pa.max(0) + tol_mm), axis=1)
+                near = np.zeros((0, 3))
+                if ca.any() and cb.any():
+                    sa, sb = pa[ca], pb[cb]
+                    da, db = _nearest_dist(sa, sb), _nearest_dist(sb, sa)
+                    near = np.concatenate([sa[da <= tol_mm], sb[db <= tol_mm]])
                 if len(near) >= 4:
                     self._memo[key] = near.mean(0)
-                else:
-                    ia, ib = int(np.argmin(da)), int(np.argmin(db))
+                else:  # never that close: the midpoint of the two centroids' nearest points
+                    ia = int(np.argmin(np.linalg.norm(pa - pb.mean(0), axis=1)))
+                    ib = int(np.argmin(np.linalg.norm(pb - pa[ia], axis=1)))
                     self._memo[key] = (pa[ia] + pb[ib]) / 2
         out = self._memo[key]
         return None if out is None else np.asarray(out)

@@ -9,6 +9,11 @@ crosses the label). The same pass can also measure, for named groups of labels, 
 inside the group (``path_groups``), so a mask can require more than a graze. 2D slice lookups are
 cache-friendly, which is why this is many times faster on CPU than 3D ray marching. Slices are processed in
 chunks to keep memory bounded. The same code runs on CPU and CUDA.
+
+Tool masks are made at the output resolution and by coverage, not only by each pixel's centre ray: a tool's
+thin cylinders (projected radius under a pixel: K-wires, guidewires at 256²) are rasterised as their
+projected centre lines with their projected width, at least one pixel, so a wire's mask is one connected
+line at any image size; thicker parts keep the exact centre-ray test.
 """
 
 from __future__ import annotations
@@ -179,12 +184,15 @@ class Projector:
             hits = unpacked.reshape(-1, h * w)[:n_lab].bool()
 
         tool_hits = torch.zeros(len(tools), h * w, dtype=torch.bool, device=dev)
-        footprint = 0.5 * cam.pixel_size * cam.sod / cam.sdd  # half a pixel, at the isocentre
         for ti, tool in enumerate(tools):
-            length = tool.path_length(src, dirs, min_radius=footprint)  # mm
+            length = tool.path_length(src, dirs, min_radius=tool_footprint(cam, tool))  # mm
             m = MATERIAL_INDEX[tool.material]
             li[m] += (length * (MATERIALS[m].density / 10.0)).float()
-            tool_hits[ti] = length > 1e-3
+            hit = length > 1e-3
+            segments = getattr(tool, "segments", None)
+            if segments is not None:
+                hit = hit | thin_line_mask(cam, segments(), dev).reshape(-1)
+            tool_hits[ti] = hit
         return Projection(
             line_integrals=li.reshape(n_mat, h, w),
             label_hits=hits.reshape(n_lab, h, w),
@@ -193,3 +201,74 @@ class Projector:
             tool_ids=[t.category_id for t in tools],
             group_paths=group_paths,
         )
+
+
+def tool_footprint(cam: Camera, tool: RayTool) -> float:
+    """Half a pixel's width (mm) at the tool's far end from the source (at least at the isocentre).
+
+    Thin cylinders are traced at least this thick (keeping their attenuation), so a wire that lies beyond
+    the isocentre, where a pixel covers more of it, still darkens a continuous line of pixels.
+    """
+    z = cam.sod
+    bounds = getattr(tool, "bounds", None)
+    if bounds is not None:
+        c, rad = bounds()
+        z = max(z, min(float((np.asarray(c) - cam.source) @ cam.axes[0]) + rad, cam.sdd))
+    return 0.5 * cam.pixel_size * z / cam.sdd
+
+
+MIN_HALF_WIDTH_PX = 0.5 + 1e-4  # a thin line's mask is at least one pixel wide (the epsilon breaks ties)
+
+
+def thin_line_mask(
+    cam: Camera, segments: Sequence[tuple[np.ndarray, np.ndarray, float]], device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """(H, W) mask of cylinders thinner than a pixel, drawn as their projected centre lines.
+
+    A pixel is in the mask when its centre lies within max(projected radius, half a pixel) of the segment's
+    projection (measured in the ideal pinhole image, so an image intensifier's distortion bends the line as
+    it bends the image). Half a pixel at least makes a band one pixel wide, which holds a pixel centre in
+    every column (or row) it crosses, so the line is 8-connected wherever it runs. Cylinders whose projected
+    radius is a pixel or more are skipped: the centre-ray test already covers them exactly.
+    """
+    h, w = cam.height, cam.width
+    dev = torch.device(device)
+    out = torch.zeros(h, w, dtype=torch.bool, device=dev)
+    proj = cam.projection_matrix
+    f = cam.sdd / cam.pixel_size
+    for p0, p1, r in segments:
+        h0 = proj @ np.append(np.asarray(p0, np.float64), 1.0)
+        h1 = proj @ np.append(np.asarray(p1, np.float64), 1.0)
+        if h0[2] <= 1.0 and h1[2] <= 1.0:
+            continue
+        if h0[2] <= 1.0 or h1[2] <= 1.0:  # clip at 1 mm in front of the source
+            t = (1.0 - h0[2]) / (h1[2] - h0[2])
+            hc = h0 + t * (h1 - h0)
+            h0, h1 = (hc, h1) if h0[2] <= 1.0 else (h0, hc)
+        r0, r1 = r * f / h0[2], r * f / h1[2]
+        if min(r0, r1) >= 1.0:
+            continue
+        a, b = h0[:2] / h0[2], h1[:2] / h1[2]
+        rad0, rad1 = max(r0, MIN_HALF_WIDTH_PX), max(r1, MIN_HALF_WIDTH_PX)
+        pad = max(rad0, rad1) + 1.0
+        if cam.distorted:
+            ts = np.linspace(0.0, 1.0, 9)[:, None]
+            stored = cam.distort(a[None] + ts * (b - a)[None])
+            lo, hi = stored.min(0) - pad - 2.0, stored.max(0) + pad + 2.0
+        else:
+            lo, hi = np.minimum(a, b) - pad, np.maximum(a, b) + pad
+        c0, c1 = max(0, int(np.floor(lo[0]))), min(w, int(np.ceil(hi[0])) + 1)
+        r0i, r1i = max(0, int(np.floor(lo[1]))), min(h, int(np.ceil(hi[1])) + 1)
+        if c0 >= c1 or r0i >= r1i:
+            continue
+        cols = torch.arange(c0, c1, dtype=torch.float64, device=dev) + 0.5
+        rows = torch.arange(r0i, r1i, dtype=torch.float64, device=dev) + 0.5
+        q = torch.stack(torch.meshgrid(cols, rows, indexing="xy"), -1)
+        q = cam.undistort(q)
+        at = torch.as_tensor(a, dtype=torch.float64, device=dev)
+        ab = torch.as_tensor(b - a, dtype=torch.float64, device=dev)
+        n2 = float(ab @ ab)
+        t = ((q - at) @ ab / n2).clamp(0.0, 1.0) if n2 > 1e-12 else torch.zeros(q.shape[:2], device=dev)
+        dist = (q - at - t[..., None] * ab).norm(dim=-1)
+        out[r0i:r1i, c0:c1] |= dist <= rad0 + t * (rad1 - rad0)
+    return out
