@@ -219,6 +219,8 @@ class SkeletonBody:
     pose_deg: tuple[tuple[str, float], ...] = ()  # coordinate -> degrees (rotations) / mm (translations)
     crop_mm: tuple[tuple[float, float], ...] | None = None  # per RAS axis (lo, hi) in the model's world
     axis: int = 2  # long axis of the body part (for the envelope)
+    muscle_mm: float = 25.0  # mean soft-tissue layers of the envelope (a hand's are thinner than a hip's)
+    fat_mm: float = 15.0
     margin_mm: float = 55.0  # room around the bones for muscle, fat and skin
     seed: int = 0
 
@@ -288,18 +290,25 @@ BODIES = (
     ),
     SkeletonBody(
         "opensim_forearm_hand_right",
-        "right forearm, wrist and hand hanging at the side, elbow straight, 1.0 mm",
+        "right forearm, wrist and hand hanging at the side, elbow straight, supinated (palm forward), 1.0 mm",
         ARM_R[1:],
         spacing_mm=1.0,
+        muscle_mm=9.0,
+        fat_mm=5.0,
+        margin_mm=30.0,
         seed=6,
     ),
     SkeletonBody(
         "opensim_forearm_hand_left",
-        "left forearm, wrist and hand, elbow flexed 90 degrees (forearm horizontal, forward), 1.0 mm",
+        "left forearm, wrist and hand, elbow flexed 90 degrees, forearm turned thumb up, 1.0 mm",
         tuple(s.replace("_right", "_left") for s in ARM_R[1:]),
         spacing_mm=1.0,
-        pose_deg=(("elbow_flex_l", 90.0),),
+        # the model's pro_sup 0 is full supination; its maximum, 90, turns the palm to face the body
+        pose_deg=(("elbow_flex_l", 90.0), ("pro_sup_l", 90.0)),
         axis=1,
+        muscle_mm=9.0,
+        fat_mm=5.0,
+        margin_mm=30.0,
         seed=7,
     ),
 )
@@ -422,7 +431,9 @@ def build_skeleton_body(body: SkeletonBody, sources_dir: Path, out_dir: Path) ->
         full_vox[p.structure] = full_vox.get(p.structure, 0.0) + _volume(p.mesh) / sp**3
 
     rng = np.random.default_rng(body.seed)
-    hu = build_envelope(instances, (sp, sp, sp), None, rng=rng, axis=body.axis)
+    hu = build_envelope(
+        instances, (sp, sp, sp), None, rng=rng, muscle_mm=body.muscle_mm, fat_mm=body.fat_mm, axis=body.axis
+    )
     affine = np.diag([sp, sp, sp, 1.0])
     affine[:3, 3] = lo
     present = sorted({int(v) for v in np.unique(labels) if v})
@@ -451,8 +462,7 @@ def build_skeleton_body(body: SkeletonBody, sources_dir: Path, out_dir: Path) ->
         f"{body.seed}; bones: cortical shell and cancellous interior",
         "build": f"fluorosam-train bodies build {body.name}",
     }
-    write_body(out_dir, hu, labels, affine, names, info)
-    return info
+    return write_body(out_dir, hu, labels, affine, names, info)
 
 
 def write_body(
@@ -462,8 +472,11 @@ def write_body(
     affine: np.ndarray,
     names: dict[str, int],
     info: dict[str, Any],
-) -> None:
-    """The four body files: ct.nii.gz (int16 HU), labels.nii.gz (uint8 ids), structures.csv, body.json."""
+) -> dict[str, Any]:
+    """Write the four body files (ct.nii.gz int16 HU, labels.nii.gz uint8 ids, structures.csv, body.json).
+
+    Returns the body.json content: ``info`` plus the regions its structures give the body.
+    """
     import nibabel as nib
 
     from train.synth.regions import regions_of
@@ -483,6 +496,7 @@ def write_body(
             w.writerow([sid, name])
     info = {**info, "regions": regions_of(set(names))}
     (out_dir / "body.json").write_text(json.dumps(info, indent=1) + "\n")
+    return info
 
 
 def _volume(mesh: TriMesh) -> float:
