@@ -12,6 +12,7 @@ from typing import Any
 
 from .checkpoint import CheckpointError, LoadReport, detect_format, load_native, load_official
 from .model.sam import FluoroSAM
+from .prompt_hints import PromptHints
 from .prompts import PromptCache
 from .text.base import TextEncoder
 
@@ -35,6 +36,13 @@ class ModelBundle:
         from .predictor import token_identity
 
         return PromptCache(token_identity(self.model, self.text_encoder), seed=self.prompt_seed)
+
+    def prompt_hints(self) -> PromptHints:
+        """'Did you mean' hints for this model's text encoder: a table shipped beside the weights or with the
+        package (the embedded encoder's), else one built into the user cache (fluorosam_rt.prompt_hints)."""
+        from .prompt_hints import PromptHints
+
+        return PromptHints(self.text_encoder, search=[self.prompt_seed, ASSETS_DIR / "prompt_cache"])
 
 
 def _text_encoder_for_native(spec: dict[str, Any], source: str) -> TextEncoder:

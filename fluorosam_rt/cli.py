@@ -89,12 +89,16 @@ def cmd_segment(args: argparse.Namespace) -> int:
     )
     predictor.set_image(image.pixels)
     results = predictor.predict(prompts)
+    hinter = bundle.prompt_hints()
+    hints = hinter.check([p.text for p in prompts])
+    if hints is None and hinter.note:
+        print(f"note: {hinter.note}", file=sys.stderr)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = []
     used: set[str] = set()
-    for r in results:
+    for k, r in enumerate(results):
         name = slugify(r.prompt.text)
         while name in used:
             name += "_"
@@ -109,6 +113,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
                 "area_fraction": float(r.mask.mean()),
                 "points": [list(p) for p in r.prompt.points],
                 "labels": list(r.prompt.labels),
+                "hint": hints[k].to_dict() if hints else None,
             }
         )
         state = "present" if r.present else "not present"
@@ -116,6 +121,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
             f"{r.prompt.text!r}: score {r.score:.3f} ({state}), "
             f"{100 * r.mask.mean():.1f}% of image -> {name}.png"
         )
+        if hints and hints[k].far:
+            print(f"  hint: {hints[k].message()}")
     labels = [f"{r.prompt.text} ({r.score:.2f})" + ("" if r.present else " absent") for r in results]
     overlay = render_overlay(image.pixels, [r.mask for r in results], labels)
     cv2.imwrite(str(out / "overlay.png"), overlay)
@@ -161,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.set_defaults(func=cmd_segment)
 
     bench = sub.add_parser("bench-model", help="time image encoding and K-prompt decoding on this machine")
-    bench.add_argument("--models", default="small,official", help="comma list: small, official")
+    bench.add_argument(
+        "--models", default="small,official", help="comma list: small, v2[:SIZE[:STRIDE]], official"
+    )
     bench.add_argument("--prompts", default="1,3,10", help="comma list of prompt counts")
     bench.add_argument("--runs", type=int, default=30, help="timed runs per cell (official: fewer)")
     bench.add_argument("--official-runs", type=int, default=3, help="timed runs per cell for Swin-L")
@@ -170,6 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--random-small", type=int, metavar="PX", help="time a random-weight small model at this input size"
     )
+    bench.add_argument(
+        "--engine",
+        default="torch",
+        choices=["torch", "onnxruntime"],
+        help="frame path of the real-time models",
+    )
+    bench.add_argument("--e2e-prompts", default="3", help="prompt counts for raw frame -> masks timing")
+    bench.add_argument("--e2e-runs", type=int, default=100, help="timed raw-frame runs per model and K")
+    bench.add_argument("--cache-dir", help="ONNX engine cache (default ~/.cache/fluorosam-rt/engines)")
     bench.add_argument("--json", help="write results here")
     bench.set_defaults(func=cmd_bench_model)
 

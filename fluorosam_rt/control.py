@@ -11,6 +11,9 @@ Requests (see docs/protocol.md):
   {"cmd": "set", "prompts": [PROMPT, ...]}
   {"cmd": "list"} | {"cmd": "status"} | {"cmd": "stats"} | {"cmd": "shutdown"}
   {"cmd": "flow", "since"?: N, "limit"?: N}    raw flow-tracking rows (monotonic ns per stage)
+
+add/set replies also carry "hints": per requested prompt {"id", "text", "far", "similarity", "nearest":
+[[canonical prompt, similarity], ...]} (fluorosam_rt/prompt_hints.py), or null without a hint table.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 
 import zmq
 
+from .prompt_hints import PromptHints
 from .prompts import Prompt, PromptError
 from .security import CurveKeys, make_server
 
@@ -129,9 +133,15 @@ class ControlServer:
     """Serves the control socket on its own thread until the node stops."""
 
     def __init__(
-        self, node: Any, endpoint: str, context: zmq.Context | None = None, curve: CurveKeys | None = None
+        self,
+        node: Any,
+        endpoint: str,
+        context: zmq.Context | None = None,
+        curve: CurveKeys | None = None,
+        hints: PromptHints | None = None,
     ) -> None:
         self.node = node
+        self.hints = hints  # "did you mean" advice in add/set replies (None: no hints field)
         self._ctx = context or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.REP)
         if curve is not None:  # only allow-listed clients can connect, let alone send commands
@@ -204,7 +214,16 @@ class ControlServer:
             return {"flow": self.node.flow.export(since=req["since"], limit=req["limit"])}
         else:
             return {"shutdown": True}
-        return {"prompts": [prompt_dict(p) for p in active]}
+        reply: dict[str, Any] = {"prompts": [prompt_dict(p) for p in active]}
+        if cmd in ("add", "set") and self.hints is not None:
+            # One entry per requested prompt; null when the node has no hint table for its encoder.
+            hints = self.hints.check([p.text for p in req["prompts"]])
+            reply["hints"] = (
+                None
+                if hints is None
+                else [{"id": p.id, "text": p.text, **h.to_dict()} for p, h in zip(req["prompts"], hints)]
+            )
+        return reply
 
 
 def send_command(endpoint: str, request: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:

@@ -179,6 +179,13 @@ def cmd_prompts(args: argparse.Namespace) -> int:
         err = reply.get("error", {})
         print(f"fluorosam-rt prompts: error: {err.get('message')} ({err.get('code')})", file=sys.stderr)
         return 1
+    from .prompt_hints import Hint
+
+    for h in reply.get("hints") or []:  # advice on stderr; stdout stays the prompt list
+        if h.get("far"):
+            near = tuple((p, float(s)) for p, s in h["nearest"])
+            hint = Hint(h["text"], True, float(h["similarity"]), near)
+            print(f"fluorosam-rt prompts: hint: {hint.message()}", file=sys.stderr)
     if args.json or args.action in ("status", "stats", "flow"):
         print(json.dumps(reply, indent=2))
     else:

@@ -191,8 +191,9 @@ def prompt_texts_from_yaml(path: str | Path, include_phrasings: bool = True) -> 
     """Prompts to warm the cache with, read from a YAML file.
 
     Accepts either ``prompts: [text, ...]`` or the vocabulary layout (``structures``, ``groups``,
-    ``tools`` entries with ``prompt`` and ``phrasings``), so the node can warm every phrasing the
-    model was trained on. Duplicates (after normalisation) are removed; order is preserved.
+    ``tools`` entries with ``prompt`` and ``phrasings``), so the node can warm the canonical prompts
+    and the hand-written phrasings (the variants ``fluorosam_rt.phrasings`` derives from them are
+    encoded on first use). Duplicates (after normalisation) are removed; order is preserved.
     """
     import yaml
 

@@ -119,7 +119,7 @@ def build_app(settings: NodeSettings, bundle: ModelBundle | None = None) -> Node
         if initial:
             node.prompts.set(initial)
         control = (
-            ControlServer(node, settings.control.endpoint, context, curve)
+            ControlServer(node, settings.control.endpoint, context, curve, hints=bundle.prompt_hints())
             if settings.control.endpoint
             else None
         )

@@ -171,6 +171,7 @@ def test_prompts_change_mid_stream_and_text_is_never_encoded_on_the_frame_path(t
 
         reply = send_command(ctl, {"cmd": "add", "prompts": ["heart", {"text": "spine", "id": "s1"}]})
         assert reply["ok"], reply
+        assert "hints" in reply  # "did you mean" advice (tests/test_prompt_hints.py); null without a table
         assert [p["id"] for p in reply["prompts"]] == ["lungs", "heart", "s1"]
         assert app.node.predictor.cache.encode_count == encodes + 2  # encoded once, at add time
         frames_before = app.node.accounting.snapshot()["received"]

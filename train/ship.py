@@ -9,6 +9,8 @@
 3. The prompt tokens of every vocabulary phrasing are precomputed into
    ``fluorosam_rt/assets/prompt_cache/``, keyed by the model's token identity; ``load_bundle``
    seeds every node's and CLI's prompt cache from it, so vocabulary prompts need no text encoding.
+4. The "did you mean" table (text features of the canonical prompts and training phrasings, and
+   its calibrated threshold; ``fluorosam_rt/prompt_hints.py``) is written beside the tokens.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ def ship(
 ) -> dict[str, object]:
     from fluorosam_rt.bundle import ASSETS_DIR, DEFAULT_MODEL_PATH, load_bundle
     from fluorosam_rt.predictor import token_identity
+    from fluorosam_rt.prompt_hints import build_table, load_vocabulary, table_filename
     from fluorosam_rt.prompts import PromptCache, prompt_texts_from_yaml
     from train.evaluate import EvalOptions, calibrate_checkpoint
     from train.synth.vocabulary import DEFAULT_VOCABULARY
@@ -40,8 +43,9 @@ def ship(
     b = load_bundle()
     cache_dir = ASSETS_DIR / "prompt_cache"
     if cache_dir.is_dir():
-        for old in cache_dir.glob("prompt-tokens-*.safetensors"):
-            old.unlink()
+        for pattern in ("prompt-tokens-*.safetensors", "prompt-hints-*.safetensors"):
+            for old in cache_dir.glob(pattern):
+                old.unlink()
     cache = PromptCache(token_identity(b.model, b.text_encoder), directory=cache_dir)
     texts = prompt_texts_from_yaml(DEFAULT_VOCABULARY)
 
@@ -50,12 +54,16 @@ def ship(
             return b.model.text_tokens(b.text_encoder.encode(keys))
 
     cache.encode(texts, token_fn)
+    hints = build_table(b.text_encoder, load_vocabulary(DEFAULT_VOCABULARY))
+    hints_path = hints.save(cache_dir / table_filename(hints.identity))
     return {
         "presence_threshold": t,
         "model": str(DEFAULT_MODEL_PATH),
         "bytes": size,
         "prompt_cache": str(cache.path),
         "prompts": len(cache),
+        "prompt_hints": str(hints_path),
+        "prompt_hints_calibration": hints.calibration,
     }
 
 
