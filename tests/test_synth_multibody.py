@@ -184,20 +184,20 @@ def test_body_weights_share_cases() -> None:
 
 def test_shards_merge_to_the_unsharded_set(bodies: Path, tmp_path: Path) -> None:
     """2 shards merged == 1 run: byte-identical images, annotations, case files and splits."""
-    base = ["--bodies", "all", "--seed", "11", "--val-fraction", "0.34"]
+    base = ["--bodies", "all", "--seed", "11", "--val-fraction", "0.5"]
     one = tmp_path / "one"
     assert main(_args(one, *base, n=7, ipc=2)) == 0
     for i in range(2):
         assert main(_args(tmp_path / "sh", *base, "--shard", f"{i}/2", n=7, ipc=2)) == 0
     shards = sorted((tmp_path / "sh").glob("shard-*"))
     assert [p.name for p in shards] == ["shard-00000-of-00002", "shard-00001-of-00002"]
-    assert (shards[1] / "train.txt").read_text() == "case_00001\n"  # case 3 is val: in neither split twice
+    assert (shards[1] / "train.txt").read_text() == "case_00001\n"  # case 3 is val
     merged = tmp_path / "merged"
     assert main(["synth-merge", str(merged), *map(str, shards), "--contact-sheet", "1"]) == 0
     a, b = _files(one), _files(merged)
     assert sorted(a) == sorted(b)
     assert all(a[k] == b[k] for k in a), [k for k in a if a[k] != b[k]]
-    assert (one / "val.txt").read_text() == "case_00002\ncase_00003\n"  # the last round(4 * 0.34) cases
+    assert (one / "val.txt").read_text() == "case_00002\ncase_00003\n"  # the last half
     assert list(merged.glob("contact_sheet_*.png"))
     # A missing or repeated shard is refused, and nothing is left behind.
     assert main(["synth-merge", str(tmp_path / "m2"), str(shards[0])]) == 2
@@ -247,6 +247,7 @@ def test_error_mid_run_leaves_nothing_and_keeps_an_earlier_set(
         )
     assert calls == [0, 1]
     assert _files(out) == before  # the earlier set, untouched
+    calls.clear()
     with pytest.raises(RuntimeError):
         gen.generate(
             gen.SynthConfig(
@@ -339,7 +340,7 @@ def test_bad_input_one_line_errors_and_nothing_written(bodies: Path, tmp_path: P
     assert main(_args(out, "--body", "tiny_pelvis", "--regions", "knee_left")) == 2
     _one_line_error(capsys, ["knee_left", "tiny_pelvis"])
     assert main(_args(out, "--body", "tiny_pelvs")) == 2
-    _one_line_error(capsys, ["tiny_pelvs", "registered body"])
+    _one_line_error(capsys, ["tiny_pelvs", "not found", "registered body"])
     os.remove(bodies / "tiny_chest" / "body.json")
     assert main(_args(out, "--body", "tiny_chest")) == 2
     _one_line_error(capsys, ["tiny_chest", "bodies build tiny_chest"])

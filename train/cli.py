@@ -36,6 +36,12 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
         help="every built training body (all; never a held-out one), or the held-out bodies (heldout)",
     )
     p.add_argument(
+        "--body-list",
+        default=None,
+        metavar="FILE",
+        help="more bodies, one NAME or PATH a line (e.g. 1,000 body folders on a cluster)",
+    )
+    p.add_argument(
         "--labels", default=None, help="label map of the one --body PATH (default: next to the CT)"
     )
     p.add_argument(
@@ -134,7 +140,7 @@ def _synth_config(args: argparse.Namespace) -> SynthConfig:
     """The SynthConfig of ``synth``/``synth-bench`` arguments; ValueError on malformed values."""
     import torch
 
-    from train.synth.body_choice import parse_weights
+    from train.synth.body_choice import parse_weights, read_body_list
     from train.synth.generate import SynthConfig
     from train.synth.shards import parse_shard
 
@@ -143,7 +149,7 @@ def _synth_config(args: argparse.Namespace) -> SynthConfig:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     shard = parse_shard(args.shard)
     return SynthConfig(
-        bodies=list(args.body),
+        bodies=list(args.body) + (read_body_list(args.body_list) if args.body_list else []),
         body_set=args.bodies,
         labels=args.labels,
         regions=[r.strip() for r in args.regions.split(",") if r.strip()],
@@ -170,9 +176,9 @@ def _synth_config(args: argparse.Namespace) -> SynthConfig:
 def _run_synth(args: argparse.Namespace) -> int:
     from train.synth.atomic_dir import OutputError
     from train.synth.ct_source import CTInputError
-    from train.synth.generate import generate, resolve_user_tools, shard_dir
+    from train.synth.generate import generate, shard_dir
     from train.synth.mesh import STLError
-    from train.synth.vocabulary import UnknownStructureError, Vocabulary
+    from train.synth.vocabulary import UnknownStructureError
 
     try:
         cfg = _synth_config(args)
@@ -198,7 +204,6 @@ def _run_synth(args: argparse.Namespace) -> int:
         if cfg.device == "cpu":
             cfg.device = "cuda"
     try:
-        resolve_user_tools(Vocabulary.load(), cfg.tool_stl)  # bad specs fail before any CT is read
         summary = generate(cfg, progress=not args.no_progress, contact_sheet=args.contact_sheet)
     except (CTInputError, UnknownStructureError, STLError, OutputError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -238,15 +243,53 @@ def _run_synth_merge(args: argparse.Namespace) -> int:
 
 
 def _add_synth_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("synth-bench", help="time the synthetic projector against diffdrr's renderer")
+    p = sub.add_parser(
+        "synth-bench",
+        help="time the projector against diffdrr's renderer, or (--generator) the whole multi-body generator",
+    )
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--views", type=int, default=3, help="poses compared (AP, lateral, oblique, ...)")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument(
+        "--generator",
+        action="store_true",
+        help="measure images/s of `synth` itself (all masks, written to a temporary folder) with the body "
+        "options below",
+    )
+    p.add_argument("--body", action="append", default=[], metavar="NAME|PATH", help="as for synth")
+    p.add_argument("--bodies", choices=["all", "heldout"], default="", help="as for synth")
+    p.add_argument("--regions", default="", help="as for synth")
+    p.add_argument("--variation", type=float, default=1.0, help="as for synth")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--n", type=int, default=60, help="images in the timed run")
+    p.add_argument("--images-per-case", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_run_synth_bench)
 
 
 def _run_synth_bench(args: argparse.Namespace) -> int:
+    if args.generator:
+        from train.synth.bench import generator_main
+        from train.synth.ct_source import CTInputError
+        from train.synth.generate import SynthConfig
+
+        cfg = SynthConfig(
+            bodies=list(args.body) or ([] if args.bodies else ["bundled"]),
+            body_set=args.bodies,
+            regions=[r.strip() for r in args.regions.split(",") if r.strip()],
+            variation=args.variation,
+            n=args.n,
+            size=args.size,
+            workers=args.workers,
+            seed=args.seed,
+            images_per_case=args.images_per_case,
+        )
+        try:
+            return generator_main(cfg, json_path=args.json)
+        except CTInputError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     from train.synth.bench import main as bench_main
 
     return bench_main(size=args.size, repeats=args.repeats, views=args.views, json_path=args.json)

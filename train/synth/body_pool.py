@@ -3,9 +3,10 @@
 Preparing a body (HU -> material densities, label bit-fields, anchors) takes seconds to a minute and its
 result is the same for every run with the same spacings, so it is cached as an ``.npz``:
 
-* registered bodies in ``bodies_root()/.prepared/<name>-<key>.npz``, shared by runs, workers and shards
-  (the key hashes the spacings and the body files' sizes and mtimes, so a rebuilt body is re-prepared);
-* file bodies in the run's own ``.cache/`` (removed when the run ends).
+* body folders (registered bodies and any folder in their layout) in
+  ``bodies_root()/.prepared/<name>-<key>.npz``, shared by runs, workers and shards (the key hashes the
+  folder, the spacings and the body files' sizes and mtimes, so a rebuilt body is prepared again);
+* single CT files in the run's own ``.cache/`` (removed when the run ends).
 
 The first worker that needs a body prepares it under an exclusive ``flock`` while the others wait, then
 all load the file. A worker keeps at most ``max_bodies`` prepared bodies (least recently used out), so its
@@ -30,14 +31,17 @@ T = TypeVar("T")
 PREPARE_SEED = 0  # tool-site subsampling in prepare_volume; fixed so one cache serves every run seed
 
 
-def registered_cache_path(name: str, density_mm: float, label_mm: float) -> Path:
-    """Where a registered body's prepared volume is cached for these spacings."""
-    from train.synth.bodies import bodies_root, body_dir
+def prepared_cache_path(folder: Path, name: str, density_mm: float, label_mm: float) -> Path:
+    """Where a body folder's prepared volume is cached for these spacings (``bodies_root()/.prepared``).
 
-    d = body_dir(name)
-    h = hashlib.sha1(f"v{CACHE_VERSION}|{density_mm}|{label_mm}".encode())
+    The key hashes the folder's absolute path, the spacings and the body files' sizes and mtimes, so a
+    rebuilt or edited body is prepared again and two folders never share an entry.
+    """
+    from train.synth.bodies import bodies_root
+
+    h = hashlib.sha1(f"v{CACHE_VERSION}|{folder.resolve()}|{density_mm}|{label_mm}".encode())
     for f in ("ct.nii.gz", "labels.nii.gz", "structures.csv"):
-        st = (d / f).stat()
+        st = (folder / f).stat()
         h.update(f"|{f}:{st.st_size}:{st.st_mtime_ns}".encode())
     return bodies_root() / ".prepared" / f"{name}-{h.hexdigest()[:12]}.npz"
 

@@ -11,6 +11,7 @@ import csv
 from dataclasses import dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -86,6 +87,27 @@ def _find_structures_csv(label_path: Path) -> Path | None:
     return None
 
 
+def check_same_grid(ct_path: Path, label_path: Path) -> tuple[Any, Any]:
+    """Open both NIfTI headers (no voxel data read yet) and check they describe one 3D grid."""
+    import nibabel as nib
+
+    ct_img = nib.load(str(ct_path))
+    lab_img = nib.load(str(label_path))
+    if ct_img.shape[:3] != lab_img.shape[:3] or len(ct_img.shape) != 3:
+        raise CTInputError(
+            f"CT {ct_path.name} has shape {ct_img.shape} but label map {label_path} has shape "
+            f"{lab_img.shape}; they must be the same 3D grid (resample the label map onto the CT)"
+        )
+    if not np.allclose(ct_img.affine, lab_img.affine, atol=1e-3, rtol=1e-4):
+        raise CTInputError(
+            f"label map {label_path} is not on the grid of CT {ct_path.name}: their affines differ "
+            f"(CT {np.round(ct_img.affine[:3], 3).tolist()}, "
+            f"labels {np.round(lab_img.affine[:3], 3).tolist()}); "
+            "resample the label map onto the CT"
+        )
+    return ct_img, lab_img
+
+
 def load_ct(
     ct_path: str | Path,
     label_path: str | Path | None = None,
@@ -98,8 +120,6 @@ def load_ct(
     The label file defaults to ``<ct dir>/mask.nii.gz`` or ``<ct stem>_labels.nii.gz``; a ``structures.csv``
     next to it names the label values, otherwise the values are taken to be TotalSegmentator v2 ids.
     """
-    import nibabel as nib
-
     vocabulary = vocabulary or Vocabulary.load()
     if str(ct_path) == "bundled":
         ct_path, label_path, structures_csv = bundled_ct_paths()
@@ -121,20 +141,7 @@ def load_ct(
     if not label_path.exists():
         raise CTInputError(f"label map not found: {label_path}")
 
-    ct_img = nib.load(str(ct_path))
-    lab_img = nib.load(str(label_path))
-    if ct_img.shape[:3] != lab_img.shape[:3] or len(ct_img.shape) != 3:
-        raise CTInputError(
-            f"CT {ct_path.name} has shape {ct_img.shape} but label map {label_path.name} has shape "
-            f"{lab_img.shape}; they must be the same 3D grid (resample the label map onto the CT)"
-        )
-    if not np.allclose(ct_img.affine, lab_img.affine, atol=1e-3, rtol=1e-4):
-        raise CTInputError(
-            f"label map {label_path} is not on the grid of CT {ct_path.name}: their affines differ "
-            f"(CT {np.round(ct_img.affine[:3], 3).tolist()}, "
-            f"labels {np.round(lab_img.affine[:3], 3).tolist()}); "
-            "resample the label map onto the CT"
-        )
+    ct_img, lab_img = check_same_grid(ct_path, label_path)
     hu = np.asarray(ct_img.dataobj, dtype=np.float32)
     raw = np.asarray(lab_img.dataobj)
     if not np.issubdtype(raw.dtype, np.integer):

@@ -28,7 +28,7 @@ from train.synth.annotate import build_annotations
 from train.synth.atomic_dir import staged
 from train.synth.backend import make_backend
 from train.synth.body_choice import BodyRef, load_file_body, pick_bodies, resolve_bodies
-from train.synth.body_pool import PREPARE_SEED, BodyPool, load_or_prepare, registered_cache_path, save_atomic
+from train.synth.body_pool import PREPARE_SEED, BodyPool, load_or_prepare, prepared_cache_path, save_atomic
 from train.synth.fluoroseg_io import write_case, write_image, write_splits
 from train.synth.geometry import Camera, sample_camera, sample_radiograph_camera
 from train.synth.mesh import STLSpec, make_mesh_tool, read_stl
@@ -41,6 +41,7 @@ from train.synth.physics import (
 from train.synth.projector import RayTool
 from train.synth.regions import REGIONS
 from train.synth.tools import sample_tools
+from train.synth.views import sample_view
 from train.synth.vocabulary import Vocabulary
 from train.synth.volume import PreparedVolume
 
@@ -136,21 +137,6 @@ class Renderer:
         self.stl_specs = list(stl_specs or [])
         self.stl_meshes = stl_meshes if stl_meshes is not None else [read_stl(s.path) for s in self.stl_specs]
         self.stl_max_angle_deg = stl_max_angle_deg
-        self._region_anchors: dict[str | None, np.ndarray] = {}
-
-    def region_anchors(self, region: str | None) -> np.ndarray:
-        """Points a view of ``region`` is aimed at: its aim structures in this body (None: any organ)."""
-        if region not in self._region_anchors:
-            pts: list[np.ndarray] = []
-            if region is not None:
-                spec = REGIONS[region]
-                for names in (spec.aim, spec.requires):
-                    ids = [self.vocab.by_name[nm].id for nm in names if nm in self.vocab.by_name]
-                    pts = [self.vol.anchors[i] for i in ids if i in self.vol.anchors]
-                    if pts:
-                        break
-            self._region_anchors[region] = np.stack(pts) if pts else self.anchors
-        return self._region_anchors[region]
 
     def user_tools(self, seed: int, case: int) -> list[RayTool]:
         """The user's meshes placed for one case, each from its own random stream.
@@ -222,11 +208,11 @@ class WorkerSettings:
 class Worker:
     """One process's renderers: a body is loaded when a case first needs it; at most ``max_bodies`` kept."""
 
-    def __init__(self, s: WorkerSettings):
+    def __init__(self, s: WorkerSettings, resolved: tuple[Vocabulary, list[STLSpec]] | None = None):
         if s.device == "cpu":
             torch.set_num_threads(s.threads)
         self.s = s
-        self.vocab, self.specs = resolve_user_tools(Vocabulary.load(), list(s.stl))
+        self.vocab, self.specs = resolved or resolve_user_tools(Vocabulary.load(), list(s.stl))
         self.meshes = [read_stl(p.path) for p in self.specs]
         self.keep_ids = set(s.keep) if s.keep is not None else None
         self.pool: BodyPool[Renderer] = BodyPool(s.max_bodies)
@@ -247,7 +233,7 @@ class Worker:
         )
 
     def _load(self, ref: BodyRef) -> PreparedVolume:
-        if not ref.registered:
+        if not ref.lazy:
             return PreparedVolume.load(ref.prepared)  # prepared by the main process when it read the file
         s = self.s
         read = lambda: load_file_body(ref.source, None, self.vocab, ref.name)  # noqa: E731
@@ -265,8 +251,7 @@ class Worker:
         loads = self.pool.loads
         r = self.body(ref)
         variation = None
-        if s.variation > 0:
-            variation = None  # wired to train/synth/variation.py once it lands
+        # (per-case variation: train/synth/variation.py, wired when it lands)
         user_tools = r.user_tools(s.seed, case)
         case_tools: list[dict[str, Any]] = [{**t.to_json(), "region": None} for t in user_tools]
         region_tools: dict[str | None, tuple[list[RayTool], list[int]]] = {}
@@ -277,22 +262,26 @@ class Worker:
         for j in range(n_images):
             irng = np.random.default_rng([s.seed, case, j])
             region = ref.regions[int(irng.integers(len(ref.regions)))] if ref.regions else None
+            if s.p_radiograph > 0 and "chest" in ref.regions and irng.random() < s.p_radiograph:
+                region = "chest"  # the whole-chest radiograph of --p-radiograph (its tools: the chest's)
+                cam = sample_radiograph_camera(irng, r.chest_center, size=s.size)
+                phys = sample_radiograph_physics(irng, s.size)
+                view = cam.view
+            elif region is None:  # a body with no known region: C-arm shots aimed at any organ
+                cam = sample_camera(irng, r.anchors, size=s.size)
+                phys = sample_physics(irng, s.size)
+                view = cam.view
+            else:
+                cam, phys, view = sample_view(irng, r.vol, self.vocab, region, s.size)
             if region not in region_tools:
                 trng = np.random.default_rng(
                     [s.seed, case, TOOL_STREAM + REGION_INDEX.get(region, len(REGIONS))]
                 )
-                tools = sample_tools(trng, r.vol, p_none=s.p_no_tools)
+                tools = sample_tools(trng, r.vol, p_none=s.p_no_tools, region=region)
                 first = len(case_tools)
                 case_tools += [{**t.to_json(), "region": region} for t in tools]
                 region_tools[region] = (tools, list(range(first, len(case_tools))))
             tools, tool_idx = region_tools[region]
-            if s.p_radiograph > 0 and irng.random() < s.p_radiograph:
-                cam = sample_radiograph_camera(irng, r.chest_center, size=s.size)
-                phys = sample_radiograph_physics(irng, s.size)
-            else:
-                cam = sample_camera(irng, r.region_anchors(region), size=s.size)
-                phys = sample_physics(irng, s.size)
-            view = cam.view
             gen = torch.Generator(device=r.projector.device).manual_seed(int(irng.integers(2**62)))
             image_id = case * 100000 + j
             img, ann, _ = r.render(cam, [*tools, *user_tools], phys, image_id, gen)
@@ -344,12 +333,20 @@ class Worker:
 _WORKER: dict[str, Worker] = {}
 
 
-def _init_worker(settings: WorkerSettings) -> None:
-    _WORKER["w"] = Worker(settings)
+def _init_worker(settings: WorkerSettings, resolved: tuple[Vocabulary, list[STLSpec]] | None = None) -> None:
+    _WORKER["w"] = Worker(settings, resolved)
 
 
 def _run_job(job: tuple[int, int, int]) -> dict[str, Any]:
     return _WORKER["w"].render_case(*job)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (a SLURM or container allocation), not all of the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def case_name(i: int) -> str:
@@ -424,7 +421,7 @@ def generate(cfg: SynthConfig, progress: bool = True, contact_sheet: int = 8) ->
     from train.synth.contact_sheet import contact_sheets
 
     t_start = time.perf_counter()
-    vocab, _ = resolve_user_tools(Vocabulary.load(), cfg.tool_stl)
+    vocab, specs = resolve_user_tools(Vocabulary.load(), cfg.tool_stl)
     keep = _check_config(cfg, vocab)
     n_cases = max(1, -(-cfg.n // cfg.images_per_case))
     i_sh, n_sh = cfg.shard or (0, 1)
@@ -445,8 +442,8 @@ def generate(cfg: SynthConfig, progress: bool = True, contact_sheet: int = 8) ->
             replace(
                 r,
                 prepared=str(
-                    registered_cache_path(r.name, cfg.density_spacing_mm, cfg.label_spacing_mm)
-                    if r.registered
+                    prepared_cache_path(Path(r.source), r.name, cfg.density_spacing_mm, cfg.label_spacing_mm)
+                    if r.lazy
                     else cache / f"{r.name}.npz"
                 ),
             )
@@ -456,7 +453,7 @@ def generate(cfg: SynthConfig, progress: bool = True, contact_sheet: int = 8) ->
         body_of = pick_bodies(cfg.seed, cases, refs)
         jobs = sorted(((c, images_of(c, cfg), body_of[c]) for c in cases), key=lambda j: (j[2], j[0]))
         workers = max(1, min(cfg.workers, len(jobs)))
-        threads = max(1, (os.cpu_count() or 1) // workers) if cfg.device == "cpu" else 1
+        threads = max(1, usable_cpus() // workers) if cfg.device == "cpu" else 1
         settings = WorkerSettings(
             refs=tuple(refs),
             out=str(tmp),
@@ -482,7 +479,7 @@ def generate(cfg: SynthConfig, progress: bool = True, contact_sheet: int = 8) ->
         t_render = time.perf_counter()
         try:
             if workers == 1:
-                _init_worker(settings)
+                _init_worker(settings, (vocab, specs))  # in this process: the vocabulary is read already
                 for job in jobs:
                     results.append(_run_job(job))
                     bar.update(job[1])
@@ -525,7 +522,7 @@ def generate(cfg: SynthConfig, progress: bool = True, contact_sheet: int = 8) ->
             "body_loads": sum(r["body_loaded"] for r in results),  # bodies (re)loaded by the workers
             "worker_peak_rss_mb": round(max((r["rss_peak_mb"] for r in results), default=0.0), 1),
             "torch": torch.__version__,
-            "cpu_count": os.cpu_count(),
+            "cpu_count": usable_cpus(),
         }
         with open(tmp / "dataset.json", "w") as f:
             json.dump(summary, f, indent=1)
