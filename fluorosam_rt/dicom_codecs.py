@@ -22,6 +22,7 @@ Why this module exists:
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -53,8 +54,12 @@ SYNTAXES: tuple[SyntaxInfo, ...] = (
     SyntaxInfo("1.2.840.10008.1.2.1.99", "deflated", "Deflated Explicit VR Little Endian", False, False),
     SyntaxInfo("1.2.840.10008.1.2.2", "big_endian", "Explicit VR Big Endian (retired)", False, False),
     SyntaxInfo("1.2.840.10008.1.2.4.50", "jpeg_baseline", "JPEG Baseline (Process 1), 8-bit", True, True),
-    SyntaxInfo("1.2.840.10008.1.2.4.51", "jpeg_extended", "JPEG Extended (Process 2 and 4), 12-bit", True, True),
-    SyntaxInfo("1.2.840.10008.1.2.4.57", "jpeg_lossless", "JPEG Lossless, Non-Hierarchical (Process 14)", True, False),
+    SyntaxInfo(
+        "1.2.840.10008.1.2.4.51", "jpeg_extended", "JPEG Extended (Process 2 and 4), 12-bit", True, True
+    ),
+    SyntaxInfo(
+        "1.2.840.10008.1.2.4.57", "jpeg_lossless", "JPEG Lossless, Non-Hierarchical (Process 14)", True, False
+    ),
     SyntaxInfo(
         "1.2.840.10008.1.2.4.70",
         "jpeg_lossless_sv1",
@@ -66,7 +71,9 @@ SYNTAXES: tuple[SyntaxInfo, ...] = (
     SyntaxInfo("1.2.840.10008.1.2.4.81", "jpegls_near_lossless", "JPEG-LS Lossy (Near-Lossless)", True, True),
     SyntaxInfo("1.2.840.10008.1.2.4.90", "j2k_lossless", "JPEG 2000 (Lossless Only)", True, False),
     SyntaxInfo("1.2.840.10008.1.2.4.91", "j2k", "JPEG 2000 (lossless or lossy)", True, True),
-    SyntaxInfo("1.2.840.10008.1.2.4.201", "htj2k_lossless", "High-Throughput JPEG 2000 (Lossless Only)", True, False),
+    SyntaxInfo(
+        "1.2.840.10008.1.2.4.201", "htj2k_lossless", "High-Throughput JPEG 2000 (Lossless Only)", True, False
+    ),
     SyntaxInfo(
         "1.2.840.10008.1.2.4.202",
         "htj2k_lossless_rpcl",
@@ -74,7 +81,9 @@ SYNTAXES: tuple[SyntaxInfo, ...] = (
         True,
         False,
     ),
-    SyntaxInfo("1.2.840.10008.1.2.4.203", "htj2k", "High-Throughput JPEG 2000 (lossless or lossy)", True, True),
+    SyntaxInfo(
+        "1.2.840.10008.1.2.4.203", "htj2k", "High-Throughput JPEG 2000 (lossless or lossy)", True, True
+    ),
     SyntaxInfo("1.2.840.10008.1.2.5", "rle", "RLE Lossless", True, False),
 )
 SYNTAX_BY_UID = {s.uid: s for s in SYNTAXES}
@@ -110,10 +119,8 @@ def install_decoders() -> None:
 
         ext = get_decoder(JPEG_EXTENDED)
         if "gdcm-jpeg" not in ext.available_plugins:
-            try:
+            with contextlib.suppress(ValueError):  # registered before, as unavailable (no GDCM here)
                 ext.add_plugin("gdcm-jpeg", (__name__, "decode_jpeg_gdcm"))
-            except ValueError:  # registered before, as unavailable (no GDCM here)
-                pass
         for uid, order in PLUGIN_PREFERENCE.items():
             dec = get_decoder(uid)
             funcs = dict(dec._available)  # label -> function; reordered through the public API

@@ -27,6 +27,7 @@ says Bits Stored 12 is common: the display pipeline then uses the stream's preci
 from __future__ import annotations
 
 import io
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,8 +128,10 @@ def _check_rle(frame: bytes, i_frame: int, spp: int, bits: int) -> None:
     if n_seg != want:
         raise ImageReadError(f"RLE frame {i_frame} has {n_seg} segments, the data set needs {want}")
     offsets = [int.from_bytes(frame[4 + 4 * k : 8 + 4 * k], "little") for k in range(n_seg)]
-    if offsets[0] != 64 or any(b <= a for a, b in zip(offsets, offsets[1:])) or offsets[-1] >= len(frame):
-        raise ImageReadError(f"RLE frame {i_frame}: segment offsets {offsets} do not fit its {len(frame)} bytes")
+    if offsets[0] != 64 or any(b <= a for a, b in itertools.pairwise(offsets)) or offsets[-1] >= len(frame):
+        raise ImageReadError(
+            f"RLE frame {i_frame}: segment offsets {offsets} do not fit its {len(frame)} bytes"
+        )
 
 
 def _check_frame(ts: str, frame: bytes, i: int, ds: Any, out: PixelDataCheck) -> None:
@@ -176,19 +179,18 @@ def _encapsulated_frames(ds: Any, n_frames: int, ts: str) -> list[bytes]:
     if bot:
         if len(bot) != n_frames:
             raise ImageReadError(
-                f"NumberOfFrames is {n_frames}, the pixel data's offset table lists {len(bot)} frames"
+                f"NumberOfFrames is {n_frames}, the pixel data holds {len(bot)} frames (its offset table)"
             )
         # Group fragments by the offsets (measured from the first fragment's item tag).
         frames: list[bytes] = []
-        pos, cur, k = 0, bytearray(), 0
+        pos, cur = 0, bytearray()
         starts = set(bot)
-        for frag in fragments:
+        for k, frag in enumerate(fragments):
             if pos in starts and k > 0:
                 frames.append(bytes(cur))
                 cur = bytearray()
             cur += frag
             pos += 8 + len(frag)
-            k += 1
         frames.append(bytes(cur))
     elif ts == RLE:
         frames = fragments  # PS3.5 A.4.2: one fragment per RLE frame

@@ -15,6 +15,7 @@ Vector (each frame's increment from the previous one, PS3.3 C.7.6.5.1.2).
 
 from __future__ import annotations
 
+import itertools
 from datetime import datetime
 from typing import Any
 
@@ -146,7 +147,7 @@ def frame_intervals_ms(ds: Any, metas: list[dict[str, Any]]) -> list[float | Non
         times = [_dicom_datetime(m[key]) if key in m else None for m in metas]
         if all(t is not None for t in times):
             out2: list[float | None] = []
-            for a, b in zip(times, times[1:]):
+            for a, b in itertools.pairwise(times):
                 dt = (b - a).total_seconds() * 1000.0  # type: ignore[operator]
                 out2.append(dt if dt > 0 else None)
             return [*out2, out2[-1]]

@@ -358,6 +358,27 @@ _PIPELINE_KEYS = (
 )
 
 
+def _stream_bits_needed(ds: Any, arr: np.ndarray, stream_precision: int | None) -> int | None:
+    """The compressed stream's precision when the decoded values do not fit Bits Stored.
+
+    Encoders often write a wider stream than Bits Stored (dcmcjpeg's lossless JPEG of 10-bit
+    data is a 16-bit stream), which is harmless while the values fit. A 16-bit JPEG 2000 in an
+    object that says 12 bits is not: inversion and windowing over the 12-bit range would wrap
+    or clip real values, so such frames are read at the stream's precision.
+    """
+    bits = int(ds.get("BitsStored", 0) or 0)
+    if stream_precision is None or stream_precision <= bits or not np.issubdtype(arr.dtype, np.integer):
+        return None
+    if arr.size == 0:
+        return None
+    lo, hi = int(arr.min()), int(arr.max())
+    if int(ds.get("PixelRepresentation", 0) or 0) == 1:
+        fits = -(2 ** (bits - 1)) <= lo and hi <= 2 ** (bits - 1) - 1
+    else:
+        fits = hi <= 2**bits - 1
+    return None if fits else stream_precision
+
+
 def _frame_view(ds: Any, index: int, stream_bits: int | None) -> Any:
     """The data set as the display pipeline should see frame ``index``.
 
@@ -429,9 +450,9 @@ def read_dicom_frames(ds_or_path: Any) -> list[XrayImage]:
     the frames' acquisition times. The pixel data is checked first (frame count, each
     compressed stream's markers and size: ``dicom_codestream``).
     """
-    from .dicom_functional_groups import frame_intervals_ms, frame_meta, has_functional_groups
-
     import pydicom
+
+    from .dicom_functional_groups import frame_intervals_ms, frame_meta, has_functional_groups
 
     if isinstance(ds_or_path, pydicom.Dataset):
         ds = ds_or_path
@@ -449,14 +470,15 @@ def read_dicom_frames(ds_or_path: Any) -> list[XrayImage]:
         raise _fail(path, f"unexpected decoded pixel array shape {arr.shape} for {n_frames} frames")
     meta = _dicom_meta(ds, path)
     meta["num_frames"] = n_frames
-    if check.precision is not None and check.precision > int(ds.get("BitsStored", 0) or 0):
-        meta["stream_bits"] = check.precision  # read at the stream's precision, not Bits Stored
+    stream_bits = _stream_bits_needed(ds, arr, check.precision)
+    if stream_bits is not None:
+        meta["stream_bits"] = stream_bits  # read at the stream's precision, not Bits Stored
     enhanced = has_functional_groups(ds)
     metas = [{**meta, **frame_meta(ds, i)} if enhanced else dict(meta) for i in range(n_frames)]
     intervals = frame_intervals_ms(ds, metas)
     images = []
     for i, frame in enumerate(frames):
-        img = _dicom_frame_image(frame, _frame_view(ds, i, check.precision), metas[i], path)
+        img = _dicom_frame_image(frame, _frame_view(ds, i, stream_bits), metas[i], path)
         img.meta["frame_index"] = i
         if intervals[i] is not None:
             img.meta["frame_interval_ms"] = intervals[i]
@@ -479,7 +501,10 @@ def _read_dicom_first(path: Path, force: bool) -> XrayImage:
     meta["frame_index"] = 0
     if has_functional_groups(ds):
         meta.update(frame_meta(ds, 0))
-    return _dicom_frame_image(frame, _frame_view(ds, 0, check.precision), meta, str(path))
+    stream_bits = _stream_bits_needed(ds, frame, check.precision)
+    if stream_bits is not None:
+        meta["stream_bits"] = stream_bits
+    return _dicom_frame_image(frame, _frame_view(ds, 0, stream_bits), meta, str(path))
 
 
 def _existing(path: str | os.PathLike[str]) -> Path:

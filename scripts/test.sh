@@ -10,6 +10,11 @@ bash scripts/setup.sh
 if ! command -v storescu >/dev/null 2>&1; then
   (apt-get update -qq && apt-get install -y -qq dcmtk) >/dev/null || echo "[test] could not install dcmtk" >&2
 fi
+# The transfer-syntax tests (tests/test_dicom_syntaxes.py) make HTJ2K fixtures with OpenJPH's
+# ojph_compress/ojph_expand (dcmtk 3.6.7 has no HTJ2K); a missing tool fails those tests.
+if ! command -v ojph_compress >/dev/null 2>&1; then
+  (apt-get update -qq && apt-get install -y -qq openjph-tools) >/dev/null || echo "[test] could not install openjph-tools" >&2
+fi
 # The C subscriber test (tests/test_bridge_integration.py) builds bridge/c against libzmq.
 if command -v cc >/dev/null 2>&1 && [ ! -e /usr/include/zmq.h ]; then
   (apt-get update -qq && apt-get install -y -qq libzmq3-dev) >/dev/null || echo "[test] could not install libzmq3-dev" >&2
