@@ -26,8 +26,6 @@ with their own pose and voxel size), each under ~31 M voxels so one loads in a f
 
 from __future__ import annotations
 
-import csv
-import json
 import re
 import subprocess
 from dataclasses import dataclass, field
@@ -222,7 +220,6 @@ class SkeletonBody:
     muscle_mm: float = 25.0  # mean soft-tissue layers of the envelope (a hand's are thinner than a hip's)
     fat_mm: float = 15.0
     margin_mm: float = 55.0  # room around the bones for muscle, fat and skin
-    seed: int = 0
 
     def wants(self, structure: str) -> bool:
         return any(
@@ -246,7 +243,6 @@ BODIES = (
         "skull with mandible and the cervical spine down to T2, 1.0 mm, voxelised from OpenSim meshes",
         ("skull", "vertebrae_C*", "vertebrae_T1", "vertebrae_T2"),
         spacing_mm=1.0,
-        seed=1,
     ),
     SkeletonBody(
         "opensim_thorax_shoulders",
@@ -262,7 +258,6 @@ BODIES = (
             "humerus_*",
         ),
         spacing_mm=1.5,
-        seed=2,
     ),
     SkeletonBody(
         "opensim_lumbar_pelvis",
@@ -270,7 +265,6 @@ BODIES = (
         ("vertebrae_T11", "vertebrae_T12", "vertebrae_L*", "sacrum", "hip_*", "femur_*"),
         spacing_mm=1.5,
         crop_mm=(_INF, _INF, (650.0, 1e9)),
-        seed=3,
     ),
     SkeletonBody(
         "opensim_knees",
@@ -278,7 +272,14 @@ BODIES = (
         ("femur_*", "patella_*", "tibia_*", "fibula_*"),
         spacing_mm=1.25,
         crop_mm=(_INF, _INF, (270.0, 630.0)),
-        seed=4,
+    ),
+    SkeletonBody(
+        "opensim_knee_right_flexed",
+        "right knee flexed 30 degrees (the usual lateral knee position), 1.0 mm",
+        ("femur_right", "patella_right", "tibia_right", "fibula_right"),
+        spacing_mm=1.0,
+        pose_deg=(("knee_angle_r", 30.0),),
+        crop_mm=(_INF, _INF, (280.0, 620.0)),
     ),
     SkeletonBody(
         "opensim_legs_feet",
@@ -286,7 +287,6 @@ BODIES = (
         ("tibia_*", "fibula_*", "tarsals_*", "metatarsals_*", "phalanges_feet_*"),
         spacing_mm=1.5,
         crop_mm=(_INF, _INF, (-1e9, 480.0)),
-        seed=5,
     ),
     SkeletonBody(
         "opensim_forearm_hand_right",
@@ -296,7 +296,6 @@ BODIES = (
         muscle_mm=9.0,
         fat_mm=5.0,
         margin_mm=30.0,
-        seed=6,
     ),
     SkeletonBody(
         "opensim_forearm_hand_left",
@@ -309,7 +308,6 @@ BODIES = (
         muscle_mm=9.0,
         fat_mm=5.0,
         margin_mm=30.0,
-        seed=7,
     ),
 )
 
@@ -377,13 +375,17 @@ def check_laterality(pieces: list[Piece]) -> None:
 
 
 def build_skeleton_body(body: SkeletonBody, sources_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """Voxelise ``body`` from the source checkout under ``sources_dir`` and write the four body files."""
+    """Voxelise ``body`` from the source checkout under ``sources_dir`` and write the four body files.
+
+    Returns body.json's content (``build.write_body`` adds the grid facts, structures and regions; the
+    registry's provenance is added by ``build.build_body``).
+    """
+    from train.synth.bodies.build import body_seed, write_body
     from train.synth.bodies.envelope import build_envelope
     from train.synth.vocabulary import Vocabulary
 
     vocab = Vocabulary.load()
     repo = _resolve_source(Path(sources_dir))
-    model = read_osim(repo / MODEL)
     pose = {}
     for k, val in body.pose_deg:
         is_translation = k.endswith(("_tx", "_ty", "_tz"))
@@ -412,9 +414,8 @@ def build_skeleton_body(body: SkeletonBody, sources_dir: Path, out_dir: Path) ->
 
     labels = np.zeros(shape, dtype=np.uint8)
     instances = np.zeros(shape, dtype=np.int16)
-    order = sorted(
-        range(len(pieces)), key=lambda i: -_volume(pieces[i].mesh)
-    )  # small bones drawn last, on top
+    # big bones first, small ones drawn last so a carpal is not swallowed by a neighbour's surface
+    order = sorted(range(len(pieces)), key=lambda i: -_volume(pieces[i].mesh))
     full_vox: dict[str, float] = {}
     inside_vox: dict[str, int] = {}
     for n, i in enumerate(order, start=1):
@@ -430,73 +431,29 @@ def build_skeleton_body(body: SkeletonBody, sources_dir: Path, out_dir: Path) ->
         instances[sl][mask] = n
         full_vox[p.structure] = full_vox.get(p.structure, 0.0) + _volume(p.mesh) / sp**3
 
-    rng = np.random.default_rng(body.seed)
+    seed = body_seed(body.name)
+    rng = np.random.default_rng(seed)
     hu = build_envelope(
         instances, (sp, sp, sp), None, rng=rng, muscle_mm=body.muscle_mm, fat_mm=body.fat_mm, axis=body.axis
     )
     affine = np.diag([sp, sp, sp, 1.0])
     affine[:3, 3] = lo
-    present = sorted({int(v) for v in np.unique(labels) if v})
-    names = {vocab.structures_by_id[v].name: v for v in present}
-    counts = np.bincount(labels.ravel(), minlength=256)
+    names = sorted(inside_vox)
     info = {
-        "name": body.name,
-        "description": body.description,
-        "source": SOURCE,
-        "licence": LICENCE,
-        "use": USE,
         "model": {"file": MODEL, "credits": model.credits, "publications": model.publications},
         "pose_deg": dict(body.pose_deg),
-        "voxel_size_mm": [sp, sp, sp],
-        "shape": list(shape),
-        "extent_mm": [float(x) for x in (np.array(shape) * sp)],
-        "world_bounds_mm": [lo.tolist(), (lo + (np.array(shape) - 1) * sp).tolist()],
         "frame": "NIfTI RAS+ mm (x patient's right, y anterior, z superior); OpenSim x,y,z -> RAS y,z,x",
-        "structures": sorted(names),
-        "voxels": {k: int(counts[v]) for k, v in sorted(names.items())},
-        # share of each structure's mesh volume that lies inside the grid (< 1 where the box cuts a bone)
-        "fraction_inside": {k: round(min(1.0, inside_vox[k] / full_vox[k]), 3) for k in sorted(names)},
+        # share of each structure's mesh volume inside the grid (< 1 where the box cuts a bone)
+        "fraction_inside": {
+            k: round(min(1.0, inside_vox[k] / full_vox[k]), 3) for k in names if inside_vox[k]
+        },
         "mesh_substitutes": MESH_SUBSTITUTES,
         "mesh_repairs": {p.source: p.repairs for p in pieces if p.repairs},
-        "soft_tissue": "synthetic envelope (train/synth/bodies/envelope.py), seed "
-        f"{body.seed}; bones: cortical shell and cancellous interior",
-        "build": f"fluorosam-train bodies build {body.name}",
+        "soft_tissue": f"synthetic envelope (train/synth/bodies/envelope.py), seed {seed}, muscle "
+        f"{body.muscle_mm} mm, fat {body.fat_mm} mm; bones: cortical shell and cancellous interior",
     }
-    return write_body(out_dir, hu, labels, affine, names, info)
-
-
-def write_body(
-    out_dir: Path,
-    hu: np.ndarray,
-    labels: np.ndarray,
-    affine: np.ndarray,
-    names: dict[str, int],
-    info: dict[str, Any],
-) -> dict[str, Any]:
-    """Write the four body files (ct.nii.gz int16 HU, labels.nii.gz uint8 ids, structures.csv, body.json).
-
-    Returns the body.json content: ``info`` plus the regions its structures give the body.
-    """
-    import nibabel as nib
-
-    from train.synth.regions import regions_of
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ct = nib.Nifti1Image(np.clip(np.rint(hu), -1024, 3071).astype(np.int16), affine)
-    ct.header.set_xyzt_units("mm")
-    nib.save(ct, str(out_dir / "ct.nii.gz"))
-    lab = nib.Nifti1Image(labels.astype(np.uint8), affine)
-    lab.header.set_xyzt_units("mm")
-    nib.save(lab, str(out_dir / "labels.nii.gz"))
-    with open(out_dir / "structures.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["id", "structure"])
-        for name, sid in sorted(names.items(), key=lambda kv: kv[1]):
-            w.writerow([sid, name])
-    info = {**info, "regions": regions_of(set(names))}
-    (out_dir / "body.json").write_text(json.dumps(info, indent=1) + "\n")
-    return info
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    return write_body(out_dir, hu, labels, affine, info)
 
 
 def _volume(mesh: TriMesh) -> float:
