@@ -198,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .node_cli import add_node_commands
 
     add_node_commands(sub)
+    from .sources.dicom_cli import add_dicom_commands
+
+    add_dicom_commands(sub)
     # Listed for --help only: main() hands "bridge ..." to bridge.cli before this parser exists.
     sub.add_parser("bridge", help="torch-free relays: OpenIGTLink, DICOM SEG, recorder (bridge -h)")
     return parser

@@ -150,7 +150,7 @@ def decoder_plugins(uid: str) -> list[str]:
         return []
     if not info.encapsulated:
         return ["pydicom"]
-    return list(dec.available_plugins)
+    return list(dec._available)  # the order pydicom tries them (available_plugins is sorted)
 
 
 def decodable_syntaxes() -> list[SyntaxInfo]:

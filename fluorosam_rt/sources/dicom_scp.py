@@ -60,6 +60,29 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
 VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
+# Every status the C-STORE handler answers, and when (the conformance statement lists these).
+STATUS_MEANINGS = {
+    STATUS_SUCCESS: ("Success", "every frame of the object was decoded and queued for the stream"),
+    STATUS_SOP_CLASS_NOT_SUPPORTED: (
+        "Refused: SOP Class not supported",
+        "the request's Affected SOP Class is not an X-ray storage class",
+    ),
+    STATUS_OUT_OF_RESOURCES: (
+        "Refused: Out of Resources",
+        "a frame is over max_frame_pixels or max_frame_bytes, the object over max_object_frames, "
+        "or the frame queue (max_pending_frames) cannot take all its frames",
+    ),
+    STATUS_DATASET_MISMATCH: (
+        "Error: Data Set does not match SOP Class",
+        "the data set's SOP Class UID differs from the request's",
+    ),
+    STATUS_CANNOT_UNDERSTAND: (
+        "Error: Cannot understand",
+        "the data set cannot be parsed; Image Pixel attributes contradict each other; the frame "
+        "count disagrees with the pixel data; a compressed frame is truncated, corrupt or of "
+        "another size; or the decoder fails. Error Comment and the WARNING log line give the reason",
+    ),
+}
 TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 DEFAULT_NETWORK_TIMEOUT_S = 30.0  # a peer silent this long (mid-PDU, before its request, idle) is dropped
 
