@@ -459,6 +459,17 @@ def test_cli_lists_builds_and_tabulates(tmp_path, registry, capsys):
     assert "| femur_left | 2 | t_good, t_held |" in md
     assert "| femur | 2 |" in md
     assert "| skull | 0 | **none** |" in md
+    from train.bodies_cli import BEGIN, END
+
+    doc = tmp_path / "bodies.md"
+    doc.write_text(f"# Bodies\n\n{BEGIN}\nold table\n{END}\n\nmore text\n")
+    assert main(["bodies", "coverage", "--update", str(doc)]) == 0
+    text = doc.read_text()
+    assert "old table" not in text
+    assert f"{BEGIN}\nBuilt bodies counted: 2" in text
+    assert text.endswith(f"| femur_left | 2 | t_good, t_held |\n{END}\n\nmore text\n")
+    (tmp_path / "plain.md").write_text("no markers\n")
+    assert main(["bodies", "coverage", "--update", str(tmp_path / "plain.md")]) == 2
     assert main(["bodies", "build", "no_such_body"]) == 2
     assert "unknown body 'no_such_body'" in capsys.readouterr().err
 

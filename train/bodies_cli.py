@@ -43,6 +43,10 @@ CHECKLIST: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
+BEGIN = "<!-- coverage:begin (fluorosam-train bodies coverage --update docs/bodies.md) -->"
+END = "<!-- coverage:end -->"
+
+
 def add_bodies_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bodies", help="list, fetch, build and tabulate the labelled bodies (CT + labels)")
     p.add_argument("--json", action="store_true", help="print the list as JSON")
@@ -70,6 +74,12 @@ def add_bodies_parser(sub: argparse._SubParsersAction) -> None:
 
     c = bsub.add_parser("coverage", help="structure -> number of built bodies that have it")
     c.add_argument("--markdown", action="store_true", help="print the Markdown tables of docs/bodies.md")
+    c.add_argument(
+        "--update",
+        default=None,
+        metavar="FILE",
+        help=f"rewrite the tables between the lines {BEGIN!r} and {END!r} of FILE (e.g. docs/bodies.md)",
+    )
     c.set_defaults(func=_run_coverage)
 
     v = bsub.add_parser("preview", help="write mid-slice PNGs (HU with label overlay) of built bodies")
@@ -119,7 +129,9 @@ def _run_list(args: argparse.Namespace) -> int:
             state += ", ".join(r["regions"]) or "-"
         else:
             state = f"not built (fluorosam-train bodies build {r['name']})"
-        print(f"{r['name']}{flag}: {r['licence']}; {state}")
+        lic = r["licence"].split(";")[0]
+        lic = lic if len(lic) <= 40 else lic[:37] + "..."
+        print(f"{r['name']}{flag}: {lic}; {state}")
     return 0
 
 
@@ -155,9 +167,9 @@ def _run_build(args: argparse.Namespace) -> int:
 
 def coverage(rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Per structure and per checklist row, which built bodies have it."""
-    from train.synth.vocabulary import Vocabulary
+    from train.synth.bodies.build import vocabulary
 
-    vocab = Vocabulary.load()
+    vocab = vocabulary()
     built = [r for r in (rows if rows is not None else body_rows()) if r["built"]]
     per_structure: dict[str, list[str]] = {}
     for r in built:
@@ -188,11 +200,30 @@ def coverage_markdown(cov: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def update_between_markers(path: Path, text: str) -> None:
+    """Replace what lies between the BEGIN and END marker lines of a file (markers kept)."""
+    lines = path.read_text().splitlines(keepends=True)
+    try:
+        i = next(k for k, ln in enumerate(lines) if ln.strip() == BEGIN)
+        j = next(k for k, ln in enumerate(lines) if ln.strip() == END and k > i)
+    except StopIteration:
+        raise ValueError(f"{path}: no {BEGIN!r} ... {END!r} block to update") from None
+    path.write_text("".join([*lines[: i + 1], text, *lines[j:]]))
+
+
 def _run_coverage(args: argparse.Namespace) -> int:
     cov = coverage()
     if not cov["bodies"]:
         print("error: no body is built; run: fluorosam-train bodies build all", file=sys.stderr)
         return 2
+    if args.update:
+        try:
+            update_between_markers(Path(args.update), coverage_markdown(cov))
+        except (OSError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"updated {args.update} ({len(cov['bodies'])} bodies)")
+        return 0
     print(coverage_markdown(cov) if args.markdown else json.dumps(cov, indent=1))
     return 0
 

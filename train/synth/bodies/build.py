@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import re
@@ -198,13 +199,12 @@ def write_body(
     import nibabel as nib
 
     from train.synth.regions import regions_of
-    from train.synth.vocabulary import Vocabulary
 
     if hu.shape != labels.shape or hu.ndim != 3:
         raise CTInputError(
             f"CT shape {hu.shape} and label shape {labels.shape} differ; they must share a grid"
         )
-    vocab = Vocabulary.load()
+    vocab = vocabulary()
     ids = [int(v) for v in np.unique(labels) if v != 0]
     names = []
     for v in ids:
@@ -253,6 +253,14 @@ def write_json(path: Path, obj: dict[str, Any]) -> None:
     Path(path).write_text(text + "\n")
 
 
+@functools.lru_cache(maxsize=1)
+def vocabulary():
+    """The project vocabulary, loaded once per process (loading expands every phrasing: not free)."""
+    from train.synth.vocabulary import Vocabulary
+
+    return Vocabulary.load()
+
+
 def body_seed(name: str) -> int:
     """A fixed seed per body name (stable across runs and Python versions), for deterministic builds."""
     import zlib
@@ -296,7 +304,11 @@ def _finish(spec: BodySpec, sources: Path, tmp: Path) -> None:
     if missing:
         raise BuildError(f"builder of {spec.name!r} did not write {', '.join(missing)}")
     src = load_ct(
-        tmp / "ct.nii.gz", tmp / "labels.nii.gz", structures_csv=tmp / "structures.csv", name=spec.name
+        tmp / "ct.nii.gz",
+        tmp / "labels.nii.gz",
+        vocabulary=vocabulary(),
+        structures_csv=tmp / "structures.csv",
+        name=spec.name,
     )
     if not src.present_ids:
         raise BuildError(f"body {spec.name!r} has no labelled structure")

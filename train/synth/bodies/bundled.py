@@ -13,10 +13,10 @@ from train.synth.bodies import BodySpec, register
 
 def convert(ct_path: Path, mask_path: Path, structures_csv: Path, out_dir: Path) -> None:
     """Write a CT + label map + structures.csv (any label numbering) as a body on its own grid."""
-    from train.synth.bodies.build import write_body
+    from train.synth.bodies.build import vocabulary, write_body
     from train.synth.ct_source import load_ct
 
-    src = load_ct(ct_path, mask_path, structures_csv=structures_csv)
+    src = load_ct(ct_path, mask_path, vocabulary=vocabulary(), structures_csv=structures_csv)
     write_body(
         out_dir,
         src.hu,

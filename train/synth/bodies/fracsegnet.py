@@ -50,11 +50,10 @@ def _load_pair(case_dir: Path, case: str, key: str):
 
 def convert(case_dir: Path, case: str, out_dir: Path, seed: int, spacing_mm: float = SPACING_MM) -> None:
     """One FracSegNet patient -> body: bones with their HU inside a synthetic soft-tissue envelope."""
-    from train.synth.bodies.build import canonical, crop_box, resample, shift_affine, write_body
+    from train.synth.bodies.build import canonical, crop_box, resample, shift_affine, vocabulary, write_body
     from train.synth.bodies.envelope import build_envelope
-    from train.synth.vocabulary import Vocabulary
 
-    vocab = Vocabulary.load()
+    vocab = vocabulary()
     case_dir = Path(case_dir)
     if not case_dir.is_dir():
         raise CTInputError(f"FracSegNet case folder not found: {case_dir}")

@@ -49,8 +49,8 @@ def convert(
     """A TotalSegmentator CT + 'total' label map -> body (canonical RAS, ``spacing_mm`` isotropic)."""
     import nibabel as nib
 
-    from train.synth.bodies.build import canonical, resample, write_body
-    from train.synth.vocabulary import UnknownStructureError, Vocabulary
+    from train.synth.bodies.build import canonical, resample, vocabulary, write_body
+    from train.synth.vocabulary import UnknownStructureError
 
     ct_path, seg_path = Path(ct_path), Path(seg_path)
     if not ct_path.exists():
@@ -64,7 +64,7 @@ def convert(
             f"(shapes {seg_img.shape} vs {ct_img.shape}, or affines differ)"
         )
     names = read_class_map(class_map_path)
-    vocab = Vocabulary.load()
+    vocab = vocabulary()
     hu, aff = canonical(ct_img)
     raw, _ = canonical(seg_img)
     raw = np.rint(raw).astype(np.int32)
