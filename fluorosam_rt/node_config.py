@@ -30,11 +30,16 @@ class ReplaySettings(_Strict):
 
 class VideoSettings(_Strict):
     kind: Literal["video"] = "video"
-    device: str  # device index ("0"), file path, or GStreamer/RTSP pipeline
+    device: str  # device index ("0"), file path, or RTSP/HTTP URL (FFMPEG; this OpenCV has no GStreamer)
     roi: list[int] | Literal["auto"] | None = None  # [x, y, w, h] or "auto" (circular field of view)
     realtime: bool = True  # pace files at their own fps, as a live device would deliver them
     reconnect_initial_s: float = Field(default=0.5, gt=0)
     reconnect_max_s: float = Field(default=10.0, gt=0)
+    # A device (frame grabber): format, size and rate to ask for; None keeps the device's default.
+    pixel_format: Literal["YUYV", "NV12", "MJPG"] | None = None
+    width: int | None = Field(default=None, gt=0)
+    height: int | None = Field(default=None, gt=0)
+    fps: float | None = Field(default=None, gt=0, le=1000)
 
     @field_validator("roi")
     @classmethod

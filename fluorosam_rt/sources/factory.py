@@ -24,6 +24,10 @@ def create_source(settings: Any) -> Source:
             realtime=settings.realtime,
             reconnect_initial_s=settings.reconnect_initial_s,
             reconnect_max_s=settings.reconnect_max_s,
+            pixel_format=settings.pixel_format,
+            width=settings.width,
+            height=settings.height,
+            fps=settings.fps,
         )
     if kind == "dicom":
         from .dicom_scp import DicomStorageSource, server_tls_context
