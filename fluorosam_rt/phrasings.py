@@ -85,7 +85,7 @@ def ordinal(n: int) -> str:
 
 
 def plural(phrase: str) -> str:
-    """English plural of a phrase's last word (tools and bones: wire -> wires, cap -> caps, x -> xes)."""
+    """English plural of a phrase's last word: wire -> wires, K-wire -> K-wires, box -> boxes."""
     head, _, last = phrase.rpartition(" ")
     low = last.lower()
     if low.endswith(("s", "x", "ch", "sh")):
