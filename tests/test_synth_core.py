@@ -41,9 +41,14 @@ def _phantom(shape=(60, 60, 60), spacing=2.0) -> CTSource:
 def test_vocabulary_covers_totalsegmentator_and_groups(vocab: Vocabulary) -> None:
     ids = sorted(vocab.structures_by_id)
     assert ids == list(range(1, 118)) + list(range(121, 143))  # TotalSegmentator 'total' + appendicular bones
-    assert {"tibia_left", "fibula_right", "patella_left", "radius_right", "ulna_left", "carpals_right"} <= set(
-        vocab.leaves("bones")
-    )
+    assert {
+        "tibia_left",
+        "fibula_right",
+        "patella_left",
+        "radius_right",
+        "ulna_left",
+        "carpals_right",
+    } <= set(vocab.leaves("bones"))
     assert vocab.by_id[29].name == "vertebrae_L3"
     assert "third lumbar vertebra" in vocab.by_id[29].phrasings
     assert "L3" in vocab.by_id[29].phrasings
