@@ -103,7 +103,8 @@ def example_inputs(model: FluoroSAM, k: int = 2, n: int = 2, seed: int = 0) -> d
     labels = (torch.rand((k, n), generator=g) > 0.3).float()
     return {
         "image": torch.randn((1, 3, s, s), generator=g),
-        "embedding": torch.randn((1, c, e, e), generator=g),
+        # v2 models append high-res features to the embedding channels (model.embedding_channels)
+        "embedding": torch.randn((1, model.embedding_channels, e, e), generator=g),
         "tokens": torch.randn((k, c), generator=g),
         "point_coords": coords,
         "point_labels": labels,

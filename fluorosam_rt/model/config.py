@@ -1,7 +1,8 @@
 """Typed architecture configuration.
 
 One dataclass tree describes every model this project builds: the official FluoroSAM Swin-L
-build (checkpoint-compatible key for key) and the project's small real-time model. Training,
+build (checkpoint-compatible key for key), the project's small real-time model and its v2
+(EfficientNet-Lite0 encoder with a high-resolution mask path). Training,
 export and the node all build from it, so the model is defined exactly once.
 """
 
@@ -44,17 +45,36 @@ class SmallEncoderConfig:
 
 
 @dataclass(frozen=True)
+class LiteEncoderConfig:
+    """EfficientNet-Lite0 trunk (ImageNet weights load into it) and an FPN neck (v2 model).
+
+    The trunk's block list is fixed (it must match the pretrained file); the neck fuses strides
+    8/16/32 at ``embed_stride`` into ``neck_dim`` channels and refines them with ``neck_blocks``
+    residual Fused-MBConv blocks before the projection to the prompt width.
+    """
+
+    neck_dim: int = 96
+    neck_blocks: int = 1
+    embed_stride: int = 16  # 8 or 16
+
+
+@dataclass(frozen=True)
 class ImageEncoderConfig:
-    kind: Literal["swin", "small"] = "swin"
+    kind: Literal["swin", "small", "lite"] = "swin"
     img_size: int = 448
     swin: SwinConfig = field(default_factory=SwinConfig)
     neck: SamNeckConfig = field(default_factory=SamNeckConfig)
     small: SmallEncoderConfig = field(default_factory=SmallEncoderConfig)
+    lite: LiteEncoderConfig = field(default_factory=LiteEncoderConfig)
 
     @property
     def embedding_size(self) -> int:
         """Side of the square image-embedding grid."""
-        return 64 if self.kind == "swin" else self.img_size // 8
+        if self.kind == "swin":
+            return 64
+        if self.kind == "lite":
+            return self.img_size // self.lite.embed_stride
+        return self.img_size // 8
 
 
 @dataclass(frozen=True)
@@ -96,6 +116,9 @@ class MaskDecoderConfig:
     iou_head_hidden: int = 256
     upscale_stages: int = 3  # each stage is a x2 transposed conv; 3 -> x8 (official)
     num_travel_tokens: int = 4  # official checkpoint carries 4 unused "travel" tokens
+    # HQ-SAM-style high-resolution path (v2): the image encoder appends stride-2/4 features to the
+    # embedding and the last upscaling stage adds them before its activation. Adds no decoder keys.
+    high_res_features: bool = False
 
 
 @dataclass(frozen=True)
@@ -200,11 +223,52 @@ def small_realtime(img_size: int = 256) -> ModelConfig:
     )
 
 
+def realtime_v2(img_size: int = 256, embed_stride: int = 16) -> ModelConfig:
+    """The v2 real-time model: EfficientNet-Lite0 + FPN encoder, high-res mask path, 128-d prompts.
+
+    Why 256 px: at 128 px a K-wire (about 1 mm, 2-4 px of a 1024-px C-arm frame) is a quarter of a
+    pixel and vanishes in the input itself; at 256 it is a 1-px line that survives resizing.
+    320 px costs more than the frame budget allows (measured: docs in the v2 report); the logits
+    at 256 are already 128 x 128, half the input.
+
+    Why stride 16 (a 16 x 16 grid at 256 px): the decoder's attention and per-prompt upscaling
+    scale with the grid, so stride 8 (32 x 32) costs ~4x more per prompt. The per-prompt upscaler
+    stops at x4 (64 x 64); the high-res path (stride-2/4 encoder features, HQ-SAM style) brings
+    the logits to 128 x 128 and the detail a stride-16 grid lacks, at almost no per-prompt cost.
+    Text comes from all-MiniLM-L6-v2 (384-d) as in the small model, so the prompt cache and
+    vocabulary tooling carry over.
+    """
+    if embed_stride not in (8, 16):
+        raise ValueError(f"embed_stride must be 8 or 16, got {embed_stride}")
+    if img_size % 32 or img_size <= 0:
+        raise ValueError(f"img_size must be a positive multiple of 32 (the encoder's stride), got {img_size}")
+    return ModelConfig(
+        name="fluorosam-rt-v2",
+        image_encoder=ImageEncoderConfig(
+            kind="lite", img_size=img_size, lite=LiteEncoderConfig(embed_stride=embed_stride)
+        ),
+        text=TextConfig(kind="minilm", feature_dim=384, keep_visual_remnants=False),
+        prompt_encoder=PromptEncoderConfig(embed_dim=128, text_hidden=256, use_vq=True, codebook_size=1024),
+        mask_decoder=MaskDecoderConfig(
+            depth=2,
+            num_heads=4,
+            mlp_dim=512,
+            attention_downsample=2,
+            iou_head_hidden=128,
+            upscale_stages=2,  # x4 per prompt; the high-res path doubles that at stride 16
+            num_travel_tokens=0,
+            high_res_features=True,
+        ),
+        preprocess=PreprocessConfig(windowing="mixture", window_at="resized"),
+    )
+
+
 def load_model_config(path: str) -> ModelConfig:
     """Read a model config from YAML: either a preset name or a full config mapping.
 
-    ``preset: small_realtime`` (with optional ``img_size``) or ``preset: official_swin_l``
-    selects a preset; otherwise the mapping is validated strictly against ModelConfig.
+    ``preset: small_realtime`` / ``preset: realtime_v2`` (with optional ``img_size``) or
+    ``preset: official_swin_l`` selects a preset; otherwise the mapping is validated strictly
+    against ModelConfig.
     """
     import yaml
 
@@ -217,6 +281,7 @@ def load_model_config(path: str) -> ModelConfig:
         return ModelConfig.from_dict(data)
     presets = {
         "small_realtime": small_realtime,
+        "realtime_v2": realtime_v2,
         "official_swin_l": official_swin_l,
         "golden_reduced": golden_reduced,
     }

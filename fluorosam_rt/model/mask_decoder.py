@@ -2,9 +2,25 @@
 
 Key layout matches FluoroSAM's ``TravelMaskDecoder``. The number of x2 upscaling stages is
 configurable: the official build uses 3 (64 -> 512 logits); the real-time model may use fewer.
+
+With ``high_res_features`` (the v2 model, off by default) the image embedding carries, after its
+C channels, high-resolution encoder features [c, L, L] at the logits' resolution L (reshaped into
+the embedding grid, see :func:`pack_high_res`). As in HQ-SAM they are added to every prompt's
+upscaled features right before the hypernetwork's dot product, so the mask sees edges the coarse
+token grid cannot hold. When L is ``high_res_scale`` times the upscaler's output, the upscaled
+features are first resized bilinearly to L.
+
+Both the resize and the dot product are linear, so hyper . (resize(U) + F) is computed as
+resize(hyper . U) + hyper . F: the resize acts on 3 mask channels instead of c feature channels,
+the upscaled part stays in the upscaler's blocked order and the high-res part in image order, so
+no large tensor is ever rearranged; per prompt the path costs a [3, c] x [c, L*L] product. That
+is what lets the per-prompt upscaler stop at x4 (the third x2 stage doubled the K = 10 decode on
+the 2-core CPU) while the logits reach half the input. No parameters: the keys do not change.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +29,29 @@ from torch import nn
 from .common import MLP, LayerNorm2d
 from .config import MaskDecoderConfig
 from .transformer import TwoWayTransformer
+
+
+def pack_high_res(features: torch.Tensor, grid: int) -> torch.Tensor:
+    """[B, c, L, L] high-res features -> [B, c*(L/grid)**2, grid, grid], a pure reshape.
+
+    The features travel inside the frame's one embedding tensor (concatenated after the C
+    embedding channels), so every engine, the predictor and the node keep passing one tensor.
+    The reshape keeps memory order; :func:`unpack_high_res` undoes it exactly.
+    """
+    b, c, hh, ww = features.shape
+    return features.reshape(b, c * (hh // grid) * (ww // grid), grid, grid)
+
+
+def unpack_high_res(packed: torch.Tensor, channels: int) -> torch.Tensor:
+    """Inverse of :func:`pack_high_res`: [B, c*f*f, h, w] -> [B, c, h*f, w*f]."""
+    b, cf, h, w = packed.shape
+    f = math.isqrt(cf // channels)
+    return packed.reshape(b, channels, h * f, w * f)
+
+
+def upscale_channels(dim: int, stages: int) -> int:
+    """Channels of the upscaler's output (see :func:`_upscaling`)."""
+    return dim // 8 if stages >= 1 else dim
 
 
 def _upscaling(dim: int, stages: int) -> tuple[nn.Sequential, int]:
@@ -36,7 +75,8 @@ def _upscaling(dim: int, stages: int) -> tuple[nn.Sequential, int]:
 
 
 class MaskDecoder(nn.Module):
-    def __init__(self, transformer_dim: int, cfg: MaskDecoderConfig) -> None:
+    def __init__(self, transformer_dim: int, cfg: MaskDecoderConfig, high_res_scale: int = 1) -> None:
+        """high_res_scale: resolution of the high-res features over the upscaler's (1 or 2)."""
         super().__init__()
         self.transformer_dim = transformer_dim
         self.num_multimask_outputs = cfg.num_multimask_outputs
@@ -57,7 +97,13 @@ class MaskDecoder(nn.Module):
         )
         self.output_upscaling, up_channels = _upscaling(transformer_dim, cfg.upscale_stages)
         self.upscale_stages = cfg.upscale_stages
-        self.upscale_factor = 2**cfg.upscale_stages
+        if high_res_scale not in (1, 2) or (high_res_scale != 1 and not cfg.high_res_features):
+            raise ValueError(f"high_res_scale must be 1, or 2 with high_res_features; got {high_res_scale}")
+        self.high_res_scale = high_res_scale
+        # logits side / embedding-grid side
+        self.upscale_factor = 2**cfg.upscale_stages * high_res_scale
+        self.high_res_channels = up_channels if cfg.high_res_features else 0
+        self.embedding_channels = transformer_dim + self.high_res_channels * self.upscale_factor**2
         self.mask_output_hypernetworks_mlps = nn.ModuleList(
             MLP(transformer_dim, transformer_dim, up_channels, 3) for _ in range(self.num_mask_tokens)
         )
@@ -115,10 +161,19 @@ class MaskDecoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode K prompts against one frame.
 
-        image_embeddings [1, C, H, W], image_pe [1, C, H, W], sparse [K, T, C],
-        dense [1 or K, C, H, W]. Returns multimask low-res logits [K, 3, H*f, W*f] and the
-        predicted IoU [K, 3] (no sigmoid, as in the official model).
+        image_embeddings [1, C (+ high-res channels), H, W], image_pe [1, C, H, W], sparse
+        [K, T, C], dense [1 or K, C, H, W]. Returns multimask low-res logits [K, 3, H*f, W*f]
+        and the predicted IoU [K, 3] (no sigmoid, as in the official model).
         """
+        if image_embeddings.shape[1] != self.embedding_channels:
+            raise ValueError(
+                f"image embedding has {image_embeddings.shape[1]} channels, the decoder expects "
+                f"{self.embedding_channels}"
+            )
+        high_res = None
+        if self.high_res_channels:
+            high_res = unpack_high_res(image_embeddings[:, self.transformer_dim :], self.high_res_channels)
+            image_embeddings = image_embeddings[:, : self.transformer_dim]
         k = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         output_tokens = output_tokens.unsqueeze(0).expand(k, -1, -1)
@@ -138,5 +193,9 @@ class MaskDecoder(nn.Module):
             dim=1,
         )
         masks = self.unblock(hyper_in @ upscaled.transpose(1, 2), h, w)
+        if high_res is not None:  # hyper . (resize(U) + F) = resize(hyper . U) + hyper . F
+            if self.high_res_scale != 1:
+                masks = F.interpolate(masks, scale_factor=float(self.high_res_scale), mode="bilinear")
+            masks = masks + (hyper_in @ high_res.flatten(2)).reshape(masks.shape)
         iou_pred = self.iou_prediction_head(iou_token_out)
         return masks, iou_pred[:, 1:]

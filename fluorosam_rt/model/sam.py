@@ -13,8 +13,29 @@ from torch import nn
 
 from .config import ModelConfig
 from .image_encoder import ImageEncoder
-from .mask_decoder import MaskDecoder
+from .lite_encoder import HighResSpec
+from .mask_decoder import MaskDecoder, upscale_channels
 from .prompt_encoder import PromptEncoder
+
+
+def _high_res_plan(cfg: ModelConfig) -> tuple[HighResSpec | None, int]:
+    """The high-res path's geometry: features at half the input, c = the upscaler's channels.
+
+    Returns the encoder's spec and the decoder's high_res_scale (features over upscaler
+    resolution), or (None, 1) when the path is off.
+    """
+    md, ie = cfg.mask_decoder, cfg.image_encoder
+    if not md.high_res_features:
+        return None, 1
+    grid, up = ie.embedding_size, 2**md.upscale_stages
+    factor = (ie.img_size // 2) // grid  # high-res side / grid side
+    if factor * grid != ie.img_size // 2 or factor not in (up, 2 * up):
+        raise ValueError(
+            f"high-res features at half the input ({ie.img_size // 2} px) need the upscaler to reach "
+            f"it or half of it: grid {grid} x {up} (upscale_stages {md.upscale_stages}) does not"
+        )
+    c = upscale_channels(cfg.prompt_encoder.embed_dim, md.upscale_stages)
+    return HighResSpec(channels=c, factor=factor), factor // up
 
 
 class FluoroSAM(nn.Module):
@@ -22,7 +43,8 @@ class FluoroSAM(nn.Module):
         super().__init__()
         self.cfg = cfg
         d = cfg.prompt_encoder.embed_dim
-        self.image_encoder = ImageEncoder(cfg.image_encoder, out_dim=d)
+        high_res, scale = _high_res_plan(cfg)
+        self.image_encoder = ImageEncoder(cfg.image_encoder, out_dim=d, high_res=high_res)
         self.prompt_encoder = PromptEncoder(
             cfg.prompt_encoder,
             text_feature_dim=cfg.text.feature_dim,
@@ -30,7 +52,7 @@ class FluoroSAM(nn.Module):
             input_image_size=cfg.image_encoder.img_size,
             text_model=text_model,
         )
-        self.mask_decoder = MaskDecoder(d, cfg.mask_decoder)
+        self.mask_decoder = MaskDecoder(d, cfg.mask_decoder, high_res_scale=scale)
         self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(-1, 1, 1), persistent=False)
 
@@ -39,11 +61,16 @@ class FluoroSAM(nn.Module):
         return self.cfg.image_encoder.img_size
 
     @property
+    def embedding_channels(self) -> int:
+        """Channels of encode_image's output: the embedding (+ the high-res features, v2)."""
+        return self.image_encoder.out_channels
+
+    @property
     def low_res_size(self) -> int:
         return self.cfg.image_encoder.embedding_size * self.mask_decoder.upscale_factor
 
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised, padded input [B, 3, S, S] -> image embedding [B, C, E, E]."""
+        """Normalised, padded input [B, 3, S, S] -> image embedding [B, embedding_channels, E, E]."""
         return self.image_encoder(x)
 
     def text_tokens(self, text_features: torch.Tensor) -> torch.Tensor:

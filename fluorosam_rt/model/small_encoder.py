@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fluorosam_rt.model.common import LayerNorm2d
+from fluorosam_rt.model.common import LayerNorm2d, fold_batchnorm
 from fluorosam_rt.model.config import SmallEncoderConfig
 
 __all__ = ["SmallEncoder"]
@@ -84,23 +84,9 @@ class ConvBNAct(nn.Module):
     @torch.no_grad()
     def fuse(self) -> None:
         """Fold the (eval-mode) BatchNorm into the conv weights and bias."""
-        if not isinstance(self.bn, nn.BatchNorm2d):
-            return
-        bn = self.bn
-        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        conv = nn.Conv2d(
-            self.conv.in_channels,
-            self.conv.out_channels,
-            self.conv.kernel_size,
-            self.conv.stride,
-            self.conv.padding,
-            groups=self.conv.groups,
-            bias=True,
-        ).to(self.conv.weight)
-        conv.weight.copy_(self.conv.weight * scale[:, None, None, None])
-        conv.bias.copy_(bn.bias - bn.running_mean * scale)
-        self.conv = conv
-        self.bn = nn.Identity()
+        if isinstance(self.bn, nn.BatchNorm2d):
+            self.conv = fold_batchnorm(self.conv, self.bn)
+            self.bn = nn.Identity()
 
 
 def _residual(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
