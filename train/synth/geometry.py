@@ -109,34 +109,41 @@ class Camera:
     def _half(self) -> float:
         return max(self.width, self.height) / 2.0
 
-    def _warp(self, uv: torch.Tensor, rho_from: torch.Tensor, inverse: bool) -> torch.Tensor:
-        cx, cy = self.width / 2.0, self.height / 2.0
-        dx, dy = uv[..., 0] - cx, uv[..., 1] - cy
-        rho2 = ((rho_from[..., 0] - cx) ** 2 + (rho_from[..., 1] - cy) ** 2) / self._half() ** 2
-        scale = 1.0 + self.distortion_k * rho2
-        th = self.distortion_s * rho2
-        if inverse:
-            scale, th = 1.0 / scale, -th
-        c, s = torch.cos(th), torch.sin(th)
-        return torch.stack([cx + scale * (c * dx - s * dy), cy + scale * (s * dx + c * dy)], -1)
-
     def distort(self, uv: np.ndarray) -> np.ndarray:
         """Ideal pinhole pixel coordinates (N, 2) -> stored-image ones (the warp's explicit direction):
         stored = c + (1 + k rho^2) Rot(s rho^2) (ideal - c), rho = |ideal - c| / (max(H, W) / 2)."""
         if not self.distorted:
             return uv
-        ideal = torch.as_tensor(np.asarray(uv, dtype=np.float64))
-        return self._warp(ideal, ideal, inverse=False).numpy()
+        ctr = np.array([self.width / 2.0, self.height / 2.0])
+        d = np.asarray(uv, dtype=np.float64) - ctr
+        rho2 = (d * d).sum(-1) / self._half() ** 2
+        scale = 1.0 + self.distortion_k * rho2
+        th = self.distortion_s * rho2
+        c, s = np.cos(th), np.sin(th)
+        return ctr + scale[..., None] * np.stack(
+            [c * d[..., 0] - s * d[..., 1], s * d[..., 0] + c * d[..., 1]], -1
+        )
 
     def undistort(self, uv: torch.Tensor) -> torch.Tensor:
-        """Stored-image pixel coordinates (..., 2) -> ideal ones: ``distort`` inverted by fixed-point steps
-        (each step shrinks the error by about 2k rho^2, so 20 are exact to float64 inside the image)."""
+        """Stored-image pixel coordinates (..., 2) -> ideal ones: ``distort`` inverted.
+
+        The warp is radial plus a twist that depends on the ideal radius only, so the ideal radius solves
+        rho + k rho^3 = rho_stored (a few Newton steps, monotonic for k >= 0) and the twist is then undone.
+        """
         if not self.distorted:
             return uv
-        ideal = uv
-        for _ in range(20):
-            ideal = self._warp(uv, ideal, inverse=True)
-        return ideal
+        cx, cy = self.width / 2.0, self.height / 2.0
+        half = self._half()
+        dx, dy = (uv[..., 0] - cx) / half, (uv[..., 1] - cy) / half
+        rs = torch.sqrt(dx * dx + dy * dy)
+        k = self.distortion_k
+        ri = rs.clone()
+        for _ in range(12):
+            ri = ri - (ri + k * ri**3 - rs) / (1.0 + 3.0 * k * ri**2)
+        scale = torch.where(rs > 1e-12, ri / rs.clamp_min(1e-12), torch.ones_like(rs))
+        th = -self.distortion_s * ri * ri
+        c, s = torch.cos(th), torch.sin(th)
+        return torch.stack([cx + half * scale * (c * dx - s * dy), cy + half * scale * (s * dx + c * dy)], -1)
 
     def pixel_world(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """World position on the detector that each stored pixel centre sees, (H, W, 3) float64."""

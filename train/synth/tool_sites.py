@@ -154,20 +154,22 @@ def plate(
     thick: float,
     site: str,
     target: str,
-    screw_len: Callable[[np.ndarray], float],
+    bone: np.ndarray,
     screw_r: float,
     p_screw: float = 0.75,
     head: tuple[float, float] | None = None,
+    screw_max: float = 200.0,
 ) -> list[Tool]:
     """A plate lying on the bone from ``p0`` to ``p1`` (its underside on those points), holes every 10-14 mm,
     cortical screws into the bone along ``-normal`` in most holes. ``head`` = (width, length) adds a wider
-    transverse part at ``p0`` (T-plates of the distal radius, the proximal humerus/tibia)."""
+    transverse part at ``p0`` (T-plates of the distal radius, the proximal humerus/tibia). Each screw runs
+    through the ``bone`` points under its hole to the far cortex (bicortical), at most ``screw_max`` mm."""
     a = unit(p1 - p0)
     n = orthogonal(normal, a)
     b = np.cross(n, a)
     length = float(np.linalg.norm(p1 - p0))
     mat = _metal(rng, 0.7)
-    pl = Tool("plate", 304, mat, site=site, target=target, tip=np.asarray((p0 + p1) / 2, float))
+    pl = Tool("plate", 304, mat, site=site, target=target, tip=np.asarray(p0, float))  # p0 lies on the bone
     centre = (p0 + p1) / 2 + n * thick / 2
     pl.add_box(centre, np.stack([a, b, n]), np.array([length / 2, width / 2, thick / 2]))
     holes: list[np.ndarray] = []
@@ -184,9 +186,9 @@ def plate(
     tools = [pl]
     for hc in holes:
         pl.add_cylinder(hc - n * thick / 2, hc + n * thick / 2, hole_r, sign=-1.0)
-        if rng.random() < p_screw:
+        ln = min(exit_distance(bone, hc - n * (thick / 2 + 0.5), -n) + 1.5, screw_max)
+        if rng.random() < p_screw and ln >= 4.0:  # no screw where no bone lies under the hole
             top = hc + n * thick / 2
-            ln = float(screw_len(hc))
             tools.append(cortical_screw(rng, top - n * ln, top - n * 0.5, screw_r, site, target, mat))
     return tools
 
@@ -271,7 +273,7 @@ def site_femoral_neck(rng: np.random.Generator, anat: Anatomy, side: str | None,
             rng.uniform(5.0, 6.5),
             "dynamic_hip_screw",
             target,
-            lambda h: surface_point(pts, c, a, float((h - c) @ a), lat)[1] + 3.0,
+            pts,
             rng.uniform(2.0, 2.5),
             0.85,
         )
@@ -355,49 +357,52 @@ def site_sacroiliac(rng: np.random.Generator, anat: Anatomy, side: str | None, k
         elif kind == "wires":
             tools.append(kwire(rng, tip, out, length + rng.uniform(60.0, 160.0), "sacroiliac", "sacrum"))
         else:
-            d = length * rng.uniform(0.4, 0.9)
-            entry = tip + out * length
+            bones = ("sacrum", f"hip_{s}")
+            for _ in range(10):  # part-way from the ilium to the S1 body, in bone (not in the joint)
+                start = tip + out * length * rng.uniform(0.1, 0.6)
+                bone = nearest_structure(anat, start, bones)
+                if np.linalg.norm(anat.points(bone) - start, axis=1).min() < 3.0:
+                    break
+            d = length - float((start - tip) @ out)
             tools.append(
                 drill_bit(
-                    rng,
-                    entry - out * d,
-                    out,
-                    d + rng.uniform(60.0, 120.0),
-                    rng.uniform(1.6, 2.6),
-                    "sacroiliac",
-                    "sacrum",
+                    rng, start, out, d + rng.uniform(60.0, 120.0), rng.uniform(1.6, 2.6), "sacroiliac", bone
                 )
             )
     return tools
+
+
+def nearest_structure(anat: Anatomy, point: np.ndarray, names: tuple[str, ...]) -> str:
+    """Which of these structures lies nearest ``point`` (the bone a part-way tip is in)."""
+    have = [n for n in names if anat.has(n)]
+    return min(have, key=lambda n: float(np.linalg.norm(anat.points(n) - point, axis=1).min()))
 
 
 def site_symphysis_plate(rng: np.random.Generator, anat: Anatomy, side: str | None) -> list[Tool]:
     """A plate across the pubic symphysis on the pubic bodies' anterior-superior surface."""
     if not (anat.has("hip_left") and anat.has("hip_right")):
         return []
-    pubis = []
+    pubis, front = [], []
     for s in ("left", "right"):
         pts = anat.points(f"hip_{s}")
-        front = pts[pts @ ANTERIOR > np.quantile(pts @ ANTERIOR, 0.85)]
-        pubis.append(front[np.argsort(np.abs(front[:, 0] - anat.midline_x))[:60]])
-    near = np.concatenate(pubis)
-    mid = near.mean(0)
+        f = pts[pts @ ANTERIOR > np.quantile(pts @ ANTERIOR, 0.85)]
+        front.append(f[np.abs(f[:, 0] - anat.midline_x) < 60.0])
+        pubis.append(f[np.argsort(np.abs(f[:, 0] - anat.midline_x))[:60]])
+    mid = np.concatenate(pubis).mean(0)
+    region = np.concatenate(front)
     normal = unit(ANTERIOR + SUPERIOR * rng.uniform(0.2, 0.8))
-    shift = normal * (float(((near - mid) @ normal).max()) + 0.5)
     half = rng.uniform(25.0, 40.0)
-    p0, p1 = mid - RIGHT * half + shift, mid + RIGHT * half + shift
-    return plate(
-        rng,
-        p0,
-        p1,
-        normal,
-        rng.uniform(9.0, 11.0),
-        rng.uniform(2.5, 3.5),
-        "symphysis",
-        "hip_left",
-        lambda h: rng.uniform(25.0, 40.0),
-        rng.uniform(1.6, 1.9),
-    )
+    # Each end on the pubic body's surface under it (the plate may tilt to follow the bone).
+    p0 = surface_point(region, mid, RIGHT, -half, normal, band=5.0)[0] + normal * 0.3
+    p1 = surface_point(region, mid, RIGHT, half, normal, band=5.0)[0] + normal * 0.3
+    thick = rng.uniform(2.5, 3.5)
+
+    near_all = np.concatenate([anat.points("hip_left"), anat.points("hip_right")])
+    width, screw_r = rng.uniform(9.0, 11.0), rng.uniform(1.6, 1.9)
+    tools = plate(rng, p0, p1, normal, width, thick, "symphysis", "hip_left", near_all, screw_r)
+    for t in tools[1:]:  # each screw is in the pubic body of its own side
+        t.target = "hip_left" if t.tip[0] < anat.midline_x else "hip_right"  # type: ignore[index]
+    return tools
 
 
 _LUMBAR = tuple(f"vertebrae_L{i}" for i in range(1, 6))
@@ -475,7 +480,7 @@ def site_cervical_plate(rng: np.random.Generator, anat: Anatomy, side: str | Non
     p0, p1 = fronts[0] + a * 6.0, fronts[-1] - a * 6.0
     normal = vs[0]["anterior"]  # type: ignore[index]
     mat = _metal(rng, 0.9)
-    pl = Tool("plate", 304, mat, site="anterior_cervical", target=present[i], tip=(p0 + p1) / 2)
+    pl = Tool("plate", 304, mat, site="anterior_cervical", target=present[i], tip=fronts[0])
     b = np.cross(normal, a)
     n = orthogonal(normal, a)
     width, thick = rng.uniform(15.0, 18.0), rng.uniform(2.0, 2.6)
@@ -529,7 +534,7 @@ def _long_bone_plate(
         rng.uniform(*thick),
         site,
         bone,
-        lambda h: surface_point(pts, c, a, float((h - c) @ a), d)[1] + 2.0,
+        pts,
         rng.uniform(*screw_r),
         head=head,
     )
@@ -588,7 +593,7 @@ def site_clavicle_plate(rng: np.random.Generator, anat: Anatomy, side: str | Non
         rng.uniform(2.5, 3.5),
         "clavicle",
         bone,
-        lambda h: surface_point(pts, c, a, float((h - c) @ a), d)[1] + 2.0,
+        pts,
         rng.uniform(1.6, 1.9),
     )
 
@@ -805,7 +810,7 @@ def site_hand(rng: np.random.Generator, anat: Anatomy, side: str | None, kind: s
             rng.uniform(1.2, 1.6),
             "metacarpal",
             target,
-            lambda h: surface_point(near, c, ax, float((h - c) @ ax), d)[1] + 1.0,
+            near,
             rng.uniform(0.75, 1.0),
         )
     if kind == "transverse" and len(lines) >= 2:
@@ -878,8 +883,9 @@ def site_skull(rng: np.random.Generator, anat: Anatomy, side: str | None, kind: 
             rng.uniform(0.6, 1.0),
             "cranial",
             "skull",
-            lambda h: rng.uniform(4.0, 6.0),
+            pts,
             rng.uniform(0.75, 0.85),
+            screw_max=rng.uniform(4.0, 6.0),  # monocortical: the outer table only
         )
     return tools
 
@@ -981,7 +987,7 @@ def site_rib_plate(rng: np.random.Generator, anat: Anatomy, side: str | None) ->
     c, _, ev = pca(near)
     body = anat.centroid("spine", "sternum", "heart")
     out = orthogonal(c - (body if body is not None else c - ANTERIOR), ev[0])
-    top, thick = surface_point(near, c, ev[0], 0.0, out, band=10.0)
+    top, _ = surface_point(near, c, ev[0], 0.0, out, band=10.0)
     ln = rng.uniform(40.0, 70.0)
     return plate(
         rng,
@@ -992,7 +998,7 @@ def site_rib_plate(rng: np.random.Generator, anat: Anatomy, side: str | None) ->
         rng.uniform(1.5, 2.2),
         "rib",
         name,
-        lambda h: thick + 2.0,
+        near,
         rng.uniform(1.1, 1.4),
     )
 
