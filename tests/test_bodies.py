@@ -259,17 +259,19 @@ def test_bundled_convert_renumbers_by_name(tmp_path):
 
 
 def _fracseg_case(root, case="007", swap=False, sp=2.0):
-    """Three bone-only CTs (+ masks) on one RAS grid: left hip at -x, right hip at +x, sacrum between."""
+    """Three bone-only CTs (+ masks) on one RAS grid: left hip at -x, right hip at +x, sacrum between,
+    with room around them (50 mm) for the synthetic soft tissue."""
     d = root / case
     d.mkdir(parents=True)
-    n = (40, 24, 20)
+    n = (90, 64, 20)
     aff = np.diag([sp, sp, sp, 1.0])
-    aff[:3, 3] = [-40.0, -24.0, -20.0]
+    aff[:3, 3] = [-90.0, -64.0, -20.0]
+    x, y = 25, 20
     boxes = {
-        "LI": (slice(4, 12), slice(8, 16), slice(4, 16)),
-        "RI": (slice(28, 36), slice(8, 16), slice(4, 16)),
+        "LI": (slice(x + 4, x + 12), slice(y + 8, y + 16), slice(4, 16)),
+        "RI": (slice(x + 28, x + 36), slice(y + 8, y + 16), slice(4, 16)),
+        "SA": (slice(x + 17, x + 23), slice(y + 4, y + 10), slice(6, 18)),
     }
-    boxes["SA"] = (slice(17, 23), slice(4, 10), slice(6, 18))
     if swap:
         boxes["LI"], boxes["RI"] = boxes["RI"], boxes["LI"]
     for key, box in boxes.items():
@@ -331,7 +333,7 @@ def test_fracsegnet_bad_input(tmp_path):
     assert "007_RI_mask.nii.gz" in _one_line(e.value)
     # a mask not on the CT's grid
     d = _fracseg_case(tmp_path / "grid")
-    _nifti(d / "007_SA_mask.nii.gz", np.ones((40, 24, 19), np.uint8), np.eye(4))
+    _nifti(d / "007_SA_mask.nii.gz", np.ones((90, 64, 19), np.uint8), np.eye(4))
     with pytest.raises(CTInputError) as e:
         convert(d, "007", out, seed=1)
     assert "not on the grid" in _one_line(e.value)
@@ -504,3 +506,29 @@ def test_fetch_clones_only_the_paths_builders_read(tmp_path, monkeypatch):
     with pytest.raises(build.BuildError, match="git clone"):
         build.fetch_sources(tmp_path / "src2", mirror=str(tmp_path / "nowhere/{name}"), log=lambda *_: None)
     assert not list((tmp_path / "src2").iterdir())
+
+
+def test_trunk_slices_keep_the_abdomen_wide_above_a_pelvis():
+    # A wide "pelvis" plate on the lower slices and a thin "spine" column continuing 100 mm above it.
+    n, sp = (100, 60, 80), 3.0
+    lab = np.zeros(n, np.uint8)
+    lab[20:80, 25:35, 5:30] = 77
+    lab[47:53, 25:35, 5:75] = 27
+
+    def width_mm(hu, k):
+        inside = np.flatnonzero(hu[:, 30, k] > -1000)
+        return (inside[-1] - inside[0] + 1) * sp
+
+    kw = dict(rng=np.random.default_rng(0), muscle_mm=15.0, fat_mm=5.0)
+    plain = build_envelope(lab, (sp, sp, sp), **kw)
+    kw["rng"] = np.random.default_rng(0)
+    trunk = build_envelope(lab, (sp, sp, sp), trunk_slices=np.ones(n[2], bool), **kw)
+    pelvis_w = width_mm(trunk, 20)
+    k = 30 + 10  # 30 mm above the top of the pelvis plate
+    assert width_mm(plain, k) < 0.5 * pelvis_w  # a tube around the spine
+    assert width_mm(trunk, k) >= pelvis_w - 2 * 0.3 * 30 - 2 * 2 * sp  # tapering at <= 0.3 mm/mm
+    assert width_mm(trunk, k) <= pelvis_w + sp
+    # the bones themselves are the same either way
+    assert np.array_equal(plain[lab > 0], trunk[lab > 0])
+    with pytest.raises(ValueError, match="one bool per slice"):
+        build_envelope(lab, (sp, sp, sp), trunk_slices=np.ones(3, bool), rng=np.random.default_rng(0))

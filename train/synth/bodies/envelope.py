@@ -34,6 +34,7 @@ COARSE_MM = 3.0  # voxel size the outline is computed at
 GROUP_WINDOW_MM = 60.0  # bones within this distance along the axis belong to one cross-section group
 SMOOTH_AXIS_MM = 5.0  # sigma of the outline's smoothing along the long axis
 MARBLING_FRACTION = 0.15  # share of the inside that is intermuscular / visceral fat
+TRUNK_SLOPE = 0.3  # along trunk slices the outline narrows by at most this many mm per mm of axis
 
 
 def build_envelope(
@@ -46,6 +47,7 @@ def build_envelope(
     fat_mm: float = 15.0,
     skin_mm: float = 2.0,
     axis: int = 2,
+    trunk_slices: np.ndarray | None = None,
 ) -> np.ndarray:
     """HU volume (float32, same grid as ``bone_labels``) of the bones inside a synthetic soft-tissue body.
 
@@ -53,6 +55,11 @@ def build_envelope(
     ``bone_hu`` gives the bones' own CT values where known. ``muscle_mm`` is the muscle thickness the
     outline keeps around the bones, ``fat_mm`` / ``skin_mm`` the layers outside it (mean values: each is
     varied per body, along the axis and in 3D by ``rng``). ``axis`` is the body's long axis.
+
+    ``trunk_slices`` (optional, one bool per index along ``axis``) marks slices of the trunk. The outline
+    hugs the bones, so above a pelvis with only a lumbar spine (no ribs) it would be a tube around the
+    vertebrae; across runs of trunk slices it narrows instead by at most TRUNK_SLOPE mm per mm from its
+    wider neighbours, as an abdomen does. Leave it out for heads and limbs, whose outline may narrow fast.
     """
     labels = np.asarray(bone_labels)
     if labels.ndim != 3:
@@ -69,6 +76,13 @@ def build_envelope(
     bone = labels > 0
     if not bone.any():
         raise ValueError("the bone label map has no bone voxels (all zero)")
+    if trunk_slices is not None:
+        trunk_slices = np.asarray(trunk_slices, dtype=bool)
+        if trunk_slices.shape != (labels.shape[axis],):
+            raise ValueError(
+                f"trunk_slices must hold one bool per slice along axis {axis} ({labels.shape[axis]}), "
+                f"got shape {trunk_slices.shape}"
+            )
 
     # Work with the long axis last; transpose back at the end.
     order = [a for a in range(3) if a != axis] + [axis]
@@ -88,7 +102,11 @@ def build_envelope(
     z_profile = 1.0 + 0.15 * np.clip(_smooth_noise((nz,), 40.0 / csp[2], rng), -2.5, 2.5)
     field3 = np.clip(_smooth_noise(coarse.shape, 20.0 / csp, rng), -2.0, 2.0)
 
-    hull = _outline(coarse, csp, muscle * z_profile)
+    trunk = None
+    if trunk_slices is not None:
+        pad = (-len(trunk_slices)) % f[2]
+        trunk = np.pad(trunk_slices, (0, pad)).reshape(-1, f[2]).any(axis=1)
+    hull = _outline(coarse, csp, muscle * z_profile, trunk)
     # Signed distance to the outline (mm): negative inside, positive outside (the fat and skin layers).
     sdist = ndimage.distance_transform_edt(~hull, sampling=csp) - ndimage.distance_transform_edt(
         hull, sampling=csp
@@ -177,7 +195,9 @@ def _bbox(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...]:
     return tuple(box)
 
 
-def _outline(bone: np.ndarray, sp: np.ndarray, muscle_z: np.ndarray) -> np.ndarray:
+def _outline(
+    bone: np.ndarray, sp: np.ndarray, muscle_z: np.ndarray, trunk: np.ndarray | None = None
+) -> np.ndarray:
     """The body's muscle outline (bool, long axis last) on the coarse grid."""
     nx, ny = bone.shape[:2]
     # In-plane distance to bone: a huge sampling along the axis keeps the nearest bone in the same slice.
@@ -211,10 +231,34 @@ def _outline(bone: np.ndarray, sp: np.ndarray, muscle_z: np.ndarray) -> np.ndarr
         )
         | hull[:, :, z0 : z1 + 1]
     )
+    if trunk is not None and trunk.any():
+        hull |= _trunk_taper(hull, sp, trunk)
     sigma = SMOOTH_AXIS_MM / sp[2]
     if sigma > 0.3:
         hull = ndimage.gaussian_filter1d(hull.astype(np.float32), sigma, axis=2) > 0.5
     return hull | dil
+
+
+def _trunk_taper(hull: np.ndarray, sp: np.ndarray, trunk: np.ndarray) -> np.ndarray:
+    """Outline grown so that, across runs of trunk slices, it narrows by at most TRUNK_SLOPE mm per mm.
+
+    The in-plane signed depth of the outline (mm, > 0 inside) is carried slice to slice along the axis,
+    losing TRUNK_SLOPE * slice spacing per slice, forward and backward (a cone-shaped max filter).
+    """
+    flat = (sp[0], sp[1], 1e6)
+    depth = ndimage.distance_transform_edt(hull, sampling=flat) - ndimage.distance_transform_edt(
+        ~hull, sampling=flat
+    )
+    step = TRUNK_SLOPE * sp[2]
+    out = depth.copy()
+    for ks in (range(1, hull.shape[2]), range(hull.shape[2] - 2, -1, -1)):
+        carried = depth.copy()
+        for k in ks:
+            prev = k - 1 if ks.step == 1 else k + 1
+            if trunk[k] and trunk[prev]:
+                np.maximum(carried[:, :, k], carried[:, :, prev] - step, out=carried[:, :, k])
+        np.maximum(out, carried, out=out)
+    return out > 0
 
 
 def _ellipse(ii: np.ndarray, jj: np.ndarray, px: np.ndarray, py: np.ndarray) -> np.ndarray:

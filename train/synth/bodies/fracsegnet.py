@@ -99,8 +99,14 @@ def convert(case_dir: Path, case: str, out_dir: Path, seed: int, spacing_mm: flo
     hu_r, aff_r = resample(hu[box], aff, spacing_mm, order=1, weights=bone.astype(np.float32))
     lab_r, _ = resample(labels[box], aff, spacing_mm, order=0)
     del hu, labels
+    # Every slice is trunk: the abdomen above the crests and the hips below the pubis stay about as
+    # wide as the pelvis (tapering) up to the crop margin, instead of hugging the iliac crests.
     body_hu = build_envelope(
-        lab_r, (spacing_mm,) * 3, np.where(lab_r > 0, hu_r, 0.0), rng=np.random.default_rng(seed)
+        lab_r,
+        (spacing_mm,) * 3,
+        np.where(lab_r > 0, hu_r, 0.0),
+        rng=np.random.default_rng(seed),
+        trunk_slices=np.ones(lab_r.shape[2], bool),
     )
     box2 = crop_box(body_hu > -999, aff_r, (5.0, 5.0, 5.0))
     write_body(
