@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 import zmq
 import zmq.asyncio
 
+from .curve import CurveClient
 from .protocol import MaskMessage, decode_message
 from .subscriber import GapTracker, SubscriberTimeout, check_on_gap, open_sub_socket
 
@@ -27,11 +28,12 @@ class AsyncSubscriber:
         rcvhwm: int = 2,
         context: zmq.asyncio.Context | None = None,
         on_gap: str = "count",
+        curve: CurveClient | None = None,
     ) -> None:
         self.on_gap = check_on_gap(on_gap)
         self.gaps = GapTracker()
         self._ctx = context or zmq.asyncio.Context.instance()
-        self._sock = open_sub_socket(self._ctx, connect, topic, rcvhwm)
+        self._sock = open_sub_socket(self._ctx, connect, topic, rcvhwm, curve=curve)
 
     async def receive(self, timeout: float | None = None, newest: bool = True) -> MaskMessage:
         """The newest message (or the next, newest=False); raises SubscriberTimeout on timeout."""

@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 from .protocol import ProtocolError
 from .subscriber import Subscriber
@@ -92,6 +93,56 @@ def cmd_listen(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_web(args: argparse.Namespace) -> int:
+    """The live page (bridge/web.py); runs until Ctrl-C or SIGTERM."""
+    import asyncio
+
+    try:
+        from .web import WebOptions, page_url, serve
+    except ImportError as exc:
+        raise ImportError(f"{exc}; the viewer needs the web extra: pip install './bridge[web]'") from exc
+
+    token = args.token
+    if args.token_file:
+        with open(args.token_file, encoding="utf-8") as f:
+            token = f.read().strip()
+    curve = None
+    if args.curve_secret_key or args.curve_server_key:
+        from .curve import load_curve_client
+
+        if not (args.curve_secret_key and args.curve_server_key):
+            raise ValueError("CURVE needs both --curve-secret-key and --curve-server-key")
+        curve = load_curve_client(args.curve_secret_key, args.curve_server_key)
+    opts = WebOptions(
+        connect=args.connect,
+        topic=args.topic,
+        control=args.control,
+        host=args.host,
+        port=args.port,
+        token=token,
+        certfile=args.certfile,
+        keyfile=args.keyfile,
+        curve=curve,
+        show_patient=args.show_patient_identifiers,
+        max_fps=args.max_fps,
+        jpeg_quality=args.jpeg_quality,
+    )
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+
+        def ready(viewer: Any) -> None:
+            print(f"viewer: {page_url(opts, viewer.port)}  (following {', '.join(opts.connect)})", flush=True)
+
+        await serve(opts, ready=ready, stop=stop)
+
+    asyncio.run(run())
+    return 0
+
+
 def add_bridge_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("igtl", help="relay masks to 3D Slicer / PLUS over OpenIGTLink (IMAGE per prompt)")
     _connect_args(p)
@@ -118,6 +169,27 @@ def add_bridge_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("listen", help="print frame ids and mask sums (what the C subscriber prints)")
     _connect_args(p)
     p.set_defaults(func=cmd_listen)
+
+    p = sub.add_parser("web", help="live view in a browser: frame, masks, fps, latency, drops, prompts")
+    p.add_argument("--connect", action="append", required=True, help="mask stream endpoint (repeatable)")
+    p.add_argument("--topic", default="", help="stream name to follow (default: all)")
+    p.add_argument("--control", help="the node's control endpoint: status, drops, prompt add/remove")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1 only)")
+    p.add_argument("--port", type=int, default=8080, help="HTTP port (default 8080; 0: any free port)")
+    p.add_argument("--token", help="access token the page must present (required off loopback)")
+    p.add_argument("--token-file", help="read the access token from this file instead")
+    p.add_argument("--certfile", help="TLS certificate (PEM): serve https/wss")
+    p.add_argument("--keyfile", help="TLS private key (PEM, unencrypted)")
+    p.add_argument("--curve-secret-key", help="this client's CURVE NAME.key_secret (node with CURVE on)")
+    p.add_argument("--curve-server-key", help="the node's public CURVE NAME.key")
+    p.add_argument("--max-fps", type=float, default=30.0, help="frames per second sent to each tab at most")
+    p.add_argument("--jpeg-quality", type=int, default=80, help="display image JPEG quality (1-95)")
+    p.add_argument(
+        "--show-patient-identifiers",
+        action="store_true",
+        help="show the DICOM patient/study attributes the node's messages carry (hidden by default)",
+    )
+    p.set_defaults(func=cmd_web)
 
 
 def build_parser(prog: str = "fluorosam-rt bridge") -> argparse.ArgumentParser:

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import zmq
 
+from .curve import CurveClient
 from .protocol import MaskMessage, decode_message
 
 
@@ -76,13 +77,21 @@ def check_on_gap(on_gap: str) -> str:
 
 
 def open_sub_socket(
-    ctx: zmq.Context, connect: str | list[str], topic: str, rcvhwm: int, rcvbuf: int = 0
+    ctx: zmq.Context,
+    connect: str | list[str],
+    topic: str,
+    rcvhwm: int,
+    rcvbuf: int = 0,
+    curve: CurveClient | None = None,
 ) -> zmq.Socket:
     """A SUB socket that keeps at most rcvhwm messages queued and never lingers on close.
 
     Shared by the blocking and asyncio subscribers (an asyncio context makes an asyncio socket).
+    ``curve``: this client's keys, for a node whose stream is a CURVE server (bridge/curve.py).
     """
     sock = ctx.socket(zmq.SUB)
+    if curve is not None:
+        curve.apply(sock)
     sock.setsockopt(zmq.RCVHWM, rcvhwm)
     if rcvbuf:  # bytes the kernel may buffer: bounds how stale a slow reader's frames can be
         sock.setsockopt(zmq.RCVBUF, rcvbuf)
@@ -102,11 +111,12 @@ class Subscriber:
         rcvbuf: int = 0,
         context: zmq.Context | None = None,
         on_gap: str = "count",
+        curve: CurveClient | None = None,
     ) -> None:
         self.on_gap = check_on_gap(on_gap)
         self.gaps = GapTracker()
         self._ctx = context or zmq.Context.instance()
-        self._sock = open_sub_socket(self._ctx, connect, topic, rcvhwm, rcvbuf)
+        self._sock = open_sub_socket(self._ctx, connect, topic, rcvhwm, rcvbuf, curve)
 
     # Counters live in the shared GapTracker; these keep the original attribute names.
     received = property(lambda self: self.gaps.received)

@@ -298,7 +298,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "stream": "demo",
             "source": {"kind": "replay", "path": str(clip), "fps": args.fps, "loop": args.loop},
             "model": {"checkpoint": checkpoint, "threads": args.threads},
-            "publish": {"endpoints": [endpoint], "include_image": True, "downsample": args.downsample},
+            "publish": {
+                "endpoints": [endpoint, *(args.publish or [])],
+                "include_image": True,
+                "downsample": args.downsample,
+            },
             "control": {"endpoint": args.control},
             "prompts": args.prompt or list(DEMO_PROMPTS),
         },
@@ -474,6 +478,7 @@ def add_node_commands(sub: Any) -> None:
     demo.add_argument("--downsample", type=int, default=1)
     demo.add_argument("--threads", type=int, default=0)
     demo.add_argument("--control", default=None, help="also serve the control socket here")
+    demo.add_argument("--publish", action="append", help="also publish the mask stream here (the web viewer)")
     demo.add_argument("--out", default="fluorosam-demo.gif", help="overlay animation (.gif, .mp4, .avi)")
     demo.add_argument("--max-overlay-frames", type=int, default=150)
     demo.set_defaults(func=cmd_demo)
