@@ -251,8 +251,7 @@ BODIES = (
             "rib_*",
             "sternum",
             "vertebrae_T*",
-            "vertebrae_C7",
-            "vertebrae_L1",
+            "vertebrae_C7",  # (no L1: a lone L1 would give the body a lumbar region it cannot frame)
             "clavicula_*",
             "scapula_*",
             "humerus_*",
@@ -283,10 +282,11 @@ BODIES = (
     ),
     SkeletonBody(
         "opensim_legs_feet",
-        "both lower legs, ankles and feet (tarsals, metatarsals, toe phalanges), 1.5 mm",
-        ("tibia_*", "fibula_*", "tarsals_*", "metatarsals_*", "phalanges_feet_*"),
+        "both legs from the distal femur down: knees, lower legs, ankles and feet, 1.5 mm",
+        # whole knees (not just the tibial plateau), since any tibia gives the body a knee region
+        ("femur_*", "patella_*", "tibia_*", "fibula_*", "tarsals_*", "metatarsals_*", "phalanges_feet_*"),
         spacing_mm=1.5,
-        crop_mm=(_INF, _INF, (-1e9, 480.0)),
+        crop_mm=(_INF, _INF, (-1e9, 560.0)),
     ),
     SkeletonBody(
         "opensim_forearm_hand_right",
