@@ -27,8 +27,9 @@ REGIONS: dict[str, Region] = {
             ("heart", "lung_lower_lobe_left", "lung_lower_lobe_right"),
         ),
         Region("pelvis", ("hip_left", "hip_right", "sacrum"), ("hip_left", "hip_right", "sacrum")),
-        Region("hip_left", ("femur_left", "hip_left"), ("femur_left", "hip_left")),
-        Region("hip_right", ("femur_right", "hip_right"), ("femur_right", "hip_right")),
+        # A femur alone (a knee or leg body) does not make a hip: the hip bone is required.
+        Region("hip_left", ("hip_left",), ("femur_left", "hip_left")),
+        Region("hip_right", ("hip_right",), ("femur_right", "hip_right")),
         Region(
             "lumbar_spine",
             ("vertebrae_L1", "vertebrae_L3", "vertebrae_L5"),
