@@ -193,7 +193,9 @@ def mannequin_volume(seed: int = 0, without: tuple[str, ...] = (), name: str = "
     return PreparedVolume(
         name=name,
         materials=torch.zeros(1, 3, 2, 2, 2),
-        materials_affine=np.eye(4),
+        materials_affine=np.array(  # two voxels spanning the whole body (views keep aims inside the CT)
+            [[600.0, 0, 0, -300], [0, 300.0, 0, -150], [0, 0, 1700.0, -880], [0, 0, 0, 1]]
+        ),
         label_bits=torch.zeros(1, 2, 2, 2),
         labels_affine=np.eye(4),
         present_ids=ids,

@@ -346,7 +346,20 @@ def view_pose(
     long_axis, anterior = region_frame(anat, region, side)
     v = beam_direction(long_axis, anterior, prim, sec)
     p, s = angles_from_direction(v)
-    return region_aim(anat, region, side), p, s
+    return inside_volume(anat.vol, region_aim(anat, region, side)), p, s
+
+
+def inside_volume(vol: PreparedVolume, point: np.ndarray, margin_mm: float = 40.0) -> np.ndarray:
+    """``point`` moved, axis by axis, at least ``margin_mm`` inside the CT's extent (where the CT is wide
+    enough), so a view of a structure cut by the scan's edge is not half empty."""
+    shape = np.array(vol.materials.shape[2:], dtype=np.float64) - 1
+    corners = np.array([[a, b, c, 1.0] for a in (0, shape[0]) for b in (0, shape[1]) for c in (0, shape[2])])
+    w = (vol.materials_affine @ corners.T).T[:, :3]
+    lo, hi = w.min(0) + margin_mm, w.max(0) - margin_mm
+    out = np.asarray(point, dtype=np.float64).copy()
+    ok = lo <= hi
+    out[ok] = np.clip(out[ok], lo[ok], hi[ok])
+    return out
 
 
 def _spec(region: str, view: str) -> ViewSpec:
