@@ -13,7 +13,6 @@ it depends on neither the worker count, nor the order jobs run in, nor the shard
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -142,7 +141,7 @@ def folder_ref(
     d: Path, name: str, vocab: Vocabulary, registered: bool = False, heldout: bool = False
 ) -> BodyRef:
     """A body folder checked without reading its voxels: files present, label map on the CT's grid
-    (headers), every structure name known; regions from body.json, else from the structures."""
+    (headers), every structure name known; its regions follow from the structures it names."""
     ct, lab, csv = d / "ct.nii.gz", d / "labels.nii.gz", d / "structures.csv"
     if not ct.exists():
         raise CTInputError(f"{d}: a body folder needs ct.nii.gz (and labels.nii.gz, structures.csv)")
@@ -155,11 +154,8 @@ def folder_ref(
             vocab.structure_id(nm)
         except UnknownStructureError as e:
             raise CTInputError(f"{csv}: {e}") from None
-    info_path = d / "body.json"
-    info = json.loads(info_path.read_text()) if info_path.exists() else {}
-    regions = info.get("regions")
-    if regions is None:
-        regions = regions_of(names)
+    # Regions from today's region rules (body.json's list is as of the build; views check the live rules).
+    regions = regions_of(names)
     return BodyRef(
         name=name, source=str(d), registered=registered, heldout=heldout, regions=tuple(regions), lazy=True
     )

@@ -29,6 +29,7 @@ from train.synth.atomic_dir import staged
 from train.synth.backend import make_backend
 from train.synth.body_choice import BodyRef, load_file_body, pick_bodies, resolve_bodies
 from train.synth.body_pool import PREPARE_SEED, BodyPool, load_or_prepare, prepared_cache_path, save_atomic
+from train.synth.ct_source import CTInputError
 from train.synth.fluoroseg_io import write_case, write_image, write_splits
 from train.synth.geometry import Camera, sample_camera, sample_radiograph_camera
 from train.synth.mesh import STLSpec, make_mesh_tool, read_stl
@@ -39,7 +40,7 @@ from train.synth.physics import (
     sample_radiograph_physics,
 )
 from train.synth.projector import RayTool
-from train.synth.regions import REGIONS
+from train.synth.regions import REGIONS, regions_of
 from train.synth.tools import sample_tools
 from train.synth.views import sample_view
 from train.synth.vocabulary import Vocabulary
@@ -239,9 +240,19 @@ class Worker:
         read = lambda: load_file_body(ref.source, None, self.vocab, ref.name)  # noqa: E731
         return load_or_prepare(Path(ref.prepared), read, s.density_spacing_mm, s.label_spacing_mm)
 
-    def body(self, ref: BodyRef) -> Renderer:
-        """The renderer of the body as built (its projector's slice stacks are kept with it)."""
-        return self.pool.get(ref.name, lambda: self.renderer(self._load(ref)))
+    def body(self, ref: BodyRef) -> tuple[Renderer, tuple[str, ...]]:
+        """The renderer of the body as built (its projector's slice stacks are kept with it), and the regions
+        of ``ref`` its labels really have (a structures.csv may name a structure the label map lacks)."""
+        r = self.pool.get(ref.name, lambda: self.renderer(self._load(ref)))
+        names = {self.vocab.by_id[i].name for i in r.vol.present_ids if i in self.vocab.by_id}
+        have = set(regions_of(names))
+        regions = tuple(g for g in ref.regions if g in have)
+        if ref.regions and not regions:
+            raise CTInputError(
+                f"body {ref.name!r} ({ref.source}): its label map has none of the regions "
+                f"{', '.join(ref.regions)}"
+            )
+        return r, regions
 
     def render_case(self, case: int, n_images: int, body_index: int) -> dict[str, Any]:
         """Render and write one case (a body, one anatomical variation, several views); returns a summary."""
@@ -249,7 +260,7 @@ class Worker:
         ref = s.refs[body_index]
         t0 = time.perf_counter()
         loads = self.pool.loads
-        r = self.body(ref)
+        r, regions_here = self.body(ref)
         variation = None
         # (per-case variation: train/synth/variation.py, wired when it lands)
         user_tools = r.user_tools(s.seed, case)
@@ -261,8 +272,8 @@ class Worker:
         regions: Counter[str] = Counter()
         for j in range(n_images):
             irng = np.random.default_rng([s.seed, case, j])
-            region = ref.regions[int(irng.integers(len(ref.regions)))] if ref.regions else None
-            if s.p_radiograph > 0 and "chest" in ref.regions and irng.random() < s.p_radiograph:
+            region = regions_here[int(irng.integers(len(regions_here)))] if regions_here else None
+            if s.p_radiograph > 0 and "chest" in regions_here and irng.random() < s.p_radiograph:
                 region = "chest"  # the whole-chest radiograph of --p-radiograph (its tools: the chest's)
                 cam = sample_radiograph_camera(irng, r.chest_center, size=s.size)
                 phys = sample_radiograph_physics(irng, s.size)
