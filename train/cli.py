@@ -70,9 +70,14 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
         help="render only cases c with c %% n == i into OUT/shard-i-of-n (merge with synth-merge); auto "
         "reads SLURM_ARRAY_TASK_ID/COUNT or RANK/WORLD_SIZE",
     )
-    p.add_argument("--n", type=int, required=True, help="number of images (of the whole run, all shards)")
+    p.add_argument("--n", type=int, default=0, help="number of images (of the whole run, all shards)")
     p.add_argument("--size", type=int, default=256, help="image height and width in pixels")
-    p.add_argument("--out", required=True, help="output folder (written whole at the end, or not at all)")
+    p.add_argument("--out", default="", help="output folder (written whole at the end, or not at all)")
+    p.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="only prepare the bodies' volumes into the shared cache (e.g. once before a job array)",
+    )
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--images-per-case", type=int, default=10)
@@ -184,6 +189,19 @@ def _run_synth(args: argparse.Namespace) -> int:
         cfg = _synth_config(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.prepare_only:
+        from train.synth.generate import prepare_bodies
+
+        try:
+            for row in prepare_bodies(cfg):
+                print(f"{row['body']}: {row['prepared']} ({row['seconds']:.1f} s)")
+        except CTInputError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
+    if not cfg.out:
+        print("error: --out is required (unless --prepare-only)", file=sys.stderr)
         return 2
     if cfg.n < 1 or cfg.size < 8 or not 0.0 <= cfg.p_radiograph <= 1.0:
         print("error: --n must be >= 1, --size >= 8 and --p-radiograph in [0, 1]", file=sys.stderr)

@@ -139,18 +139,17 @@ def main(size: int = 256, repeats: int = 3, views: int = 3, json_path: str | Non
 def generator_main(cfg: Any, json_path: str | None = None) -> int:
     """Images/s of the whole generator (bodies, variation, views, tools, all masks, writing) for ``cfg``.
 
-    Runs ``generate`` into a temporary folder twice: a first small run prepares the bodies into their
-    on-disk cache (what every later run reuses), then the timed run. The figure is images over the
-    rendering phase's wall time, worker start-up and each worker's first body load included.
+    The bodies are first prepared into their on-disk cache (what every later run reuses), then ``generate``
+    runs into a temporary folder. The figure is images over the rendering phase's wall time, worker
+    start-up and each worker's first body load included.
     """
     import tempfile
     from dataclasses import replace
 
-    from train.synth.generate import generate
+    from train.synth.generate import generate, prepare_bodies
 
+    prepare_bodies(cfg)
     with tempfile.TemporaryDirectory(prefix="synth-bench-") as tmp:
-        warm = replace(cfg, n=cfg.images_per_case, workers=1, out=f"{tmp}/warm")
-        generate(warm, progress=False, contact_sheet=0)
         before = _conditions()
         doc = generate(replace(cfg, out=f"{tmp}/run"), progress=False, contact_sheet=0)
         after = _conditions()

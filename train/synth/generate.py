@@ -421,6 +421,50 @@ def _prepare_file_bodies(cfg: SynthConfig, vocab: Vocabulary, cache: Path):
     return load_file
 
 
+def run_bodies(cfg: SynthConfig, vocab: Vocabulary, cache: Path) -> list[BodyRef]:
+    """The run's bodies, checked, each with the prepared-volume file its workers load (single CT files are
+    read and prepared into ``cache`` now; body folders are prepared by the first worker that needs them)."""
+    refs = resolve_bodies(
+        cfg.bodies,
+        cfg.body_set,
+        cfg.labels,
+        vocab,
+        cfg.regions,
+        cfg.body_weights,
+        _prepare_file_bodies(cfg, vocab, cache),
+    )
+    mm = (cfg.density_spacing_mm, cfg.label_spacing_mm)
+    return [
+        replace(
+            r,
+            prepared=str(
+                prepared_cache_path(Path(r.source), r.name, *mm) if r.lazy else cache / f"{r.name}.npz"
+            ),
+        )
+        for r in refs
+    ]
+
+
+def prepare_bodies(cfg: SynthConfig) -> list[dict[str, Any]]:
+    """Prepare every body folder of ``cfg`` into the shared cache (``synth --prepare-only``), e.g. once
+    before a job array starts; returns per body its name, cache file and the seconds it took."""
+    import tempfile
+
+    vocab = Vocabulary.load()
+    out = []
+    with tempfile.TemporaryDirectory(prefix="synth-prepare-") as tmp:
+        for ref in run_bodies(cfg, vocab, Path(tmp)):
+            if not ref.lazy:
+                continue  # a single CT file is prepared by each run itself
+            t0 = time.perf_counter()
+            read = lambda ref=ref: load_file_body(ref.source, None, vocab, ref.name)  # noqa: E731
+            load_or_prepare(Path(ref.prepared), read, cfg.density_spacing_mm, cfg.label_spacing_mm)
+            out.append(
+                {"body": ref.name, "prepared": ref.prepared, "seconds": round(time.perf_counter() - t0, 2)}
+            )
+    return out
+
+
 def generate(cfg: SynthConfig, progress: bool = True, contact_sheet: int = 8) -> dict[str, Any]:
     """Generate ``cfg.n`` images (or this shard's part) under ``cfg.out``; returns the dataset.json summary.
 
@@ -440,26 +484,7 @@ def generate(cfg: SynthConfig, progress: bool = True, contact_sheet: int = 8) ->
     final = shard_dir(cfg.out, cfg.shard)
     with staged(final) as tmp:
         cache = tmp / ".cache"
-        refs = resolve_bodies(
-            cfg.bodies,
-            cfg.body_set,
-            cfg.labels,
-            vocab,
-            cfg.regions,
-            cfg.body_weights,
-            _prepare_file_bodies(cfg, vocab, cache),
-        )
-        refs = [
-            replace(
-                r,
-                prepared=str(
-                    prepared_cache_path(Path(r.source), r.name, cfg.density_spacing_mm, cfg.label_spacing_mm)
-                    if r.lazy
-                    else cache / f"{r.name}.npz"
-                ),
-            )
-            for r in refs
-        ]
+        refs = run_bodies(cfg, vocab, cache)
         t_prep = time.perf_counter() - t_start
         body_of = pick_bodies(cfg.seed, cases, refs)
         jobs = sorted(((c, images_of(c, cfg), body_of[c]) for c in cases), key=lambda j: (j[2], j[0]))
