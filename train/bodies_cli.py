@@ -91,6 +91,7 @@ def add_bodies_parser(sub: argparse._SubParsersAction) -> None:
 def body_rows() -> list[dict[str, Any]]:
     """One dict per registered body: registry facts plus, when built, its body.json facts."""
     from train.synth.bodies import all_bodies, body_dir, body_info
+    from train.synth.regions import regions_of
 
     rows = []
     for spec in all_bodies():
@@ -109,7 +110,8 @@ def body_rows() -> list[dict[str, Any]]:
                 "voxel_size_mm": info.get("voxel_size_mm") if info else None,
                 "extent_mm": info.get("extent_mm") if info else None,
                 "structures": info.get("structures") if info else None,
-                "regions": info.get("regions") if info else None,
+                # from the structures with today's regions.py (body.json keeps the ones at build time)
+                "regions": regions_of(set(info["structures"])) if info else None,
             }
         )
     return rows
