@@ -24,6 +24,9 @@ DEFAULT_VOCABULARY = Path(__file__).resolve().parents[2] / "configs" / "vocabula
 USER_TOOL_PLACEHOLDER = "custom_tool"  # the vocabulary's category for users' STL tools
 
 
+_LOADED: dict[tuple[str, int, int], Vocabulary] = {}
+
+
 class UnknownStructureError(KeyError):
     """A structure, group or tool name that is not in the vocabulary."""
 
@@ -97,8 +100,19 @@ class Vocabulary:
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> Vocabulary:
-        with open(path or DEFAULT_VOCABULARY) as f:
-            return cls(yaml.safe_load(f))
+        """The vocabulary file, parsed and expanded once per process while the file is unchanged.
+
+        Expanding every phrasing takes a noticeable fraction of a second and the data engine asks for
+        the vocabulary in many places; a Vocabulary is never modified after construction
+        (``with_user_tools`` returns a new one), so sharing one instance is safe.
+        """
+        p = Path(path or DEFAULT_VOCABULARY).resolve()
+        st = p.stat()
+        key = (str(p), st.st_mtime_ns, st.st_size)
+        if key not in _LOADED:
+            with open(p) as f:
+                _LOADED[key] = cls(yaml.safe_load(f))
+        return _LOADED[key]
 
     def get(self, name: str) -> Category:
         """Category by name; unknown names raise with the closest known names."""
