@@ -15,7 +15,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from .protocol import ProtocolError
+from .protocol import MaskMessage, ProtocolError
 from .subscriber import Subscriber
 
 
@@ -81,15 +81,26 @@ def cmd_record(args: argparse.Namespace) -> int:
     return 0
 
 
+def listen_line(msg: MaskMessage) -> str:
+    """What ``listen`` and the C subscriber print for a message: mask sums ("-" without mask
+    planes), then each tool tip as prompt index:instance id:x,y (source pixels)."""
+    sums = " ".join("-" if p.mask is None else str(int(p.mask.sum())) for p in msg.prompts)
+    line = f"frame {msg.frame_id} seq {msg.seq} prompts {len(msg.prompts)} sums {sums}".rstrip()
+    tips = [
+        f"{k}:{i.id}:{i.tip[0]:.2f},{i.tip[1]:.2f}"
+        for k, p in enumerate(msg.prompts)
+        if p.geometry is not None
+        for i in p.geometry.instances
+        if i.tip is not None
+    ]
+    return f"{line} tips {' '.join(tips)}" if tips else line
+
+
 def cmd_listen(args: argparse.Namespace) -> int:
     """One line per message, in the same format as the C subscriber (bridge/c), for comparison."""
     with Subscriber(args.connect, topic=args.topic, rcvhwm=1000) as sub:
         for msg in sub.messages(args.max_messages or 10**12, timeout=args.idle_timeout or 1e9, newest=False):
-            sums = " ".join(str(int(p.mask.sum())) for p in msg.prompts)
-            print(
-                f"frame {msg.frame_id} seq {msg.seq} prompts {len(msg.prompts)} sums {sums}".rstrip(),
-                flush=True,
-            )
+            print(listen_line(msg), flush=True)
     return 0
 
 
@@ -166,7 +177,7 @@ def add_bridge_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="recording folder")
     p.set_defaults(func=cmd_record)
 
-    p = sub.add_parser("listen", help="print frame ids and mask sums (what the C subscriber prints)")
+    p = sub.add_parser("listen", help="print frame ids, mask sums, tool tips (what the C subscriber prints)")
     _connect_args(p)
     p.set_defaults(func=cmd_listen)
 

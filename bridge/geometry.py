@@ -14,6 +14,7 @@ film), centred on the world origin, with the pixel size taken in this order of p
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +43,8 @@ def _pair(value: Any) -> tuple[float, float] | None:
         r, c = (float(v) for v in value)
     except (TypeError, ValueError):
         return None
-    return (r, c) if r > 0 and c > 0 else None
+    ok = all(math.isfinite(v) and v > 0 for v in (r, c))  # NaN, inf, 0 or negative: unknown
+    return (r, c) if ok else None
 
 
 def source_pixel_size(geometry: Mapping[str, Any]) -> PixelSize:
@@ -57,7 +59,7 @@ def source_pixel_size(geometry: Mapping[str, Any]) -> PixelSize:
             dsp = float(geometry.get("DistanceSourceToPatient") or 0)
         except (TypeError, ValueError):
             dsd = dsp = 0.0
-        if dsd > 0 and dsp > 0:
+        if math.isfinite(dsd) and math.isfinite(dsp) and dsd > 0 and dsp > 0:
             m = dsd / dsp
             return PixelSize(ips[0] / m, ips[1] / m, "ImagerPixelSpacing@isocenter")
         return PixelSize(ips[0], ips[1], "ImagerPixelSpacing")

@@ -10,6 +10,18 @@ The image is the mask as a uint8 label map at mask resolution, stamped with the 
 frame's time (not the relay's), and placed by :func:`bridge.geometry.ijk_to_ras`. When the
 frame carries no pixel size the matrix uses 1 mm and a warning is logged once per stream.
 
+Tools (protocol version 2) go out as navigation software expects them:
+
+* ``FSAMtip_<prompt>``: a POINT message with every tip of that prompt's instances, in RAS mm,
+  each named ``<prompt>#<instance id>`` (the id is tracked across frames), group ``tip``;
+* ``FSAMaxis_<prompt>``: a TRANSFORM for the largest instance with a tip: origin at the tip,
+  z along the tool axis towards the tip, y the image normal (anterior), x = y × z, so a needle
+  model in Slicer follows the wire.
+
+The tip and the axis are placed with the same matrix as the IMAGE, so they land on the mask.
+A frame without tips sends no POINT (OpenIGTLink has no empty point list); the STRING status
+says how many tips each prompt has. A geometry-only stream (no mask planes) sends no IMAGE.
+
 pyigtl keeps up to 100 outgoing messages while no client is connected; the relay clears that
 queue while nobody listens, so a client that connects late gets the current anatomy, not a
 burst of old frames.
@@ -35,6 +47,8 @@ log = logging.getLogger(__name__)
 
 DEVICE_NAME_BYTES = 20  # OpenIGTLink header field
 PREFIX = "FluoroSAM_"
+TIP_PREFIX = "FSAMtip_"
+AXIS_PREFIX = "FSAMaxis_"
 STATUS_DEVICE = "FluoroSAM_status"
 
 
@@ -47,6 +61,22 @@ def device_name(prompt_id: str, prefix: str = PREFIX) -> str:
     digest = hashlib.sha1(prompt_id.encode()).hexdigest()[:4]
     room = DEVICE_NAME_BYTES - len(prefix) - 5
     return f"{prefix}{slug[:room]}_{digest}"
+
+
+def source_to_ras(source_matrix: np.ndarray, xy: tuple[float, float]) -> np.ndarray:
+    """A point in source pixels (x = column, y = row) -> RAS mm, by ijk_to_ras at downsample 1."""
+    return (source_matrix @ np.array([xy[0], xy[1], 0.0, 1.0]))[:3]
+
+
+def axis_frame(source_matrix: np.ndarray, tip: tuple[float, float], axis: tuple[float, float]) -> np.ndarray:
+    """4x4 pose of a tool: origin at the tip, z along the axis towards the tip, y the image normal."""
+    z = source_matrix[:3, :2] @ np.asarray(axis, dtype=np.float64)  # pixel direction -> RAS, with spacing
+    z /= np.linalg.norm(z)
+    y = source_matrix[:3, 2] / np.linalg.norm(source_matrix[:3, 2])
+    x = np.cross(y, z)
+    m = np.eye(4)
+    m[:3, 0], m[:3, 1], m[:3, 2], m[:3, 3] = x, y, z, source_to_ras(source_matrix, tip)
+    return m
 
 
 class IgtlRelay:
@@ -81,6 +111,7 @@ class IgtlRelay:
     def messages_for(self, msg: MaskMessage) -> list[Any]:
         """The IMAGE messages (and the STRING status) one mask message becomes."""
         matrix, size = ijk_to_ras(msg.geometry, msg.source_shape, msg.downsample)
+        source_matrix, _ = ijk_to_ras(msg.geometry, msg.source_shape, 1)
         if not size.known and msg.stream not in self._warned_streams:
             self._warned_streams.add(msg.stream)
             log.warning(
@@ -92,6 +123,9 @@ class IgtlRelay:
         timestamp = ts_ns / 1e9 if ts_ns else None
         out: list[Any] = []
         for p in msg.prompts:
+            out += self._tool_messages(p, source_matrix, timestamp)
+            if p.mask is None:
+                continue
             label = np.where(p.mask > 0, np.uint8(self.label_for(p.id)), np.uint8(0)).astype(np.uint8)
             out.append(
                 pyigtl.ImageMessage(
@@ -112,6 +146,8 @@ class IgtlRelay:
                         "device": device_name(p.id),
                         "present": p.present,
                         "score": round(p.score, 4),
+                        "instances": len(p.geometry.instances) if p.geometry is not None else None,
+                        "tips": len(p.geometry.tips) if p.geometry is not None else None,
                     }
                     for p in msg.prompts
                 ],
@@ -121,6 +157,25 @@ class IgtlRelay:
                 pyigtl.StringMessage(json.dumps(status), timestamp=timestamp, device_name=STATUS_DEVICE)
             )
         return out
+
+    def _tool_messages(self, p: Any, matrix: np.ndarray, timestamp: float | None) -> list[Any]:
+        """POINT (all tips) and TRANSFORM (largest tool's axis) of one prompt, in RAS mm."""
+        g = p.geometry
+        tools = [i for i in g.instances if i.tip is not None] if g is not None else []
+        if not tools:
+            return []
+        tips = np.array([source_to_ras(matrix, i.tip) for i in tools])
+        points = pyigtl.PointMessage(
+            positions=tips,
+            names=[f"{p.id}#{i.id}"[:63] for i in tools],
+            groups="tip",
+            timestamp=timestamp,
+            device_name=device_name(p.id, TIP_PREFIX),
+        )
+        main = max(tools, key=lambda i: i.area_px)
+        frame = axis_frame(matrix, main.tip, main.axis)
+        axis = pyigtl.TransformMessage(frame, timestamp=timestamp, device_name=device_name(p.id, AXIS_PREFIX))
+        return [points, axis]
 
     def relay(self, msg: MaskMessage) -> int:
         """Queue one frame's messages for the connected client; returns how many were queued."""

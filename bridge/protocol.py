@@ -14,6 +14,12 @@ One ZeroMQ multipart message per frame:
 
 Payloads are raw bytes so that the publisher can hand numpy buffers to ZeroMQ without a copy
 and a C subscriber can use them in place.
+
+Version 2 adds each prompt's geometry (outlines, instances with tracked ids, tool tips and axes:
+bridge/prompt_geometry.py), the frame's pixel spacing and scene, and geometry-only messages
+(``mask.planes`` false: no mask or image parts, a few kilobytes instead of megabytes). This
+decoder reads versions 1 and 2; a node can still publish version 1 for subscribers that have not
+been upgraded (docs/protocol.md, "Compatibility").
 """
 
 from __future__ import annotations
@@ -25,7 +31,10 @@ from typing import Any
 import msgpack
 import numpy as np
 
-PROTOCOL_VERSION = 1
+from .prompt_geometry import GeometryFormatError, PromptGeometry, Scene, Spacing
+
+PROTOCOL_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)  # what this decoder reads; the publisher writes 2, or 1 on request
 MESSAGE_KIND = "masks"
 ENCODINGS = ("u8", "bits")
 STAGES = (
@@ -36,6 +45,7 @@ STAGES = (
     "encoded",
     "decoded",
     "postprocessed",
+    "geometry",  # outlines, instances, tools and tracking done (version 2)
     "published",  # just before the message was handed to ZeroMQ
 )
 # Guards against a hostile or corrupt header: real headers are a few kilobytes.
@@ -58,7 +68,9 @@ class PromptResult:
     text: str
     score: float
     present: bool
-    mask: np.ndarray  # uint8 [h, w], 1 inside the structure, at the header's mask size
+    # uint8 [h, w], 1 inside the structure, at the header's mask size; None in a geometry-only message
+    mask: np.ndarray | None
+    geometry: PromptGeometry | None = None  # version 2; None in a version-1 message
 
 
 @dataclass
@@ -78,6 +90,9 @@ class MaskMessage:
     image: np.ndarray | None = None  # optional uint8 preview of the source, at the mask size
     version: int = PROTOCOL_VERSION
     model: str = ""  # optional: the model that made the masks (a DICOM SEG names its algorithm)
+    spacing: Spacing | None = None  # version 2: source pixel size, None when the frame does not say
+    scene: Scene | None = None  # version 2: scene id (tracking and smoothing restart on a cut)
+    planes: bool = True  # False: a geometry-only message, no mask or image parts on the wire
 
     @property
     def mask_shape(self) -> tuple[int, int]:
@@ -134,18 +149,33 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def encode_message(msg: MaskMessage) -> list[bytes | np.ndarray]:
-    """Message -> multipart frames; mask buffers are returned as arrays for zero-copy sends."""
+def encode_message(
+    msg: MaskMessage, planes: bool | None = None, version: int | None = None
+) -> list[bytes | np.ndarray]:
+    """Message -> multipart frames; mask buffers are returned as arrays for zero-copy sends.
+
+    ``planes=False`` makes a geometry-only message (version 2); ``version=1`` writes exactly what
+    a version-1 subscriber reads (no geometry). Both default to the message's own.
+    """
+    version = msg.version if version is None else version
+    planes = msg.planes if planes is None else planes
+    if version not in SUPPORTED_VERSIONS:
+        raise ProtocolError(
+            f"cannot write protocol version {version!r}; this side writes {SUPPORTED_VERSIONS}"
+        )
+    if version == 1 and not planes:
+        raise ProtocolError("protocol version 1 has no geometry-only messages")
     if msg.encoding not in ENCODINGS:
         raise ProtocolError(f"unknown mask encoding {msg.encoding!r}; expected one of {ENCODINGS}")
     shape = msg.mask_shape
     payloads: list[bytes | np.ndarray] = []
-    for p in msg.prompts:
-        if tuple(p.mask.shape) != shape:
-            raise ProtocolError(f"mask of prompt {p.id!r} is {p.mask.shape}, the header says {shape}")
+    for p in msg.prompts if planes else ():
+        if p.mask is None or tuple(p.mask.shape) != shape:
+            got = None if p.mask is None else p.mask.shape
+            raise ProtocolError(f"mask of prompt {p.id!r} is {got}, the header says {shape}")
         payloads.append(encode_mask(p.mask, msg.encoding))
     header: dict[str, Any] = {
-        "v": msg.version,
+        "v": version,
         "kind": MESSAGE_KIND,
         "stream": msg.stream,
         "frame_id": int(msg.frame_id),
@@ -161,20 +191,30 @@ def encode_message(msg: MaskMessage) -> list[bytes | np.ndarray]:
             "source_height": int(msg.source_shape[0]),
             "source_width": int(msg.source_shape[1]),
         },
-        "prompts": [
-            {"id": p.id, "text": p.text, "score": float(p.score), "present": bool(p.present)}
-            for p in msg.prompts
-        ],
+        "prompts": [_prompt_entry(p, version) for p in msg.prompts],
     }
+    if version >= 2:
+        header["mask"]["planes"] = bool(planes)
+        if msg.spacing is not None:
+            header["spacing"] = msg.spacing.to_wire()
+        if msg.scene is not None:
+            header["scene"] = msg.scene.to_wire()
     if msg.model:
         header["model"] = str(msg.model)
-    if msg.image is not None:
+    if msg.image is not None and planes:
         img = np.ascontiguousarray(msg.image, dtype=np.uint8)
         if img.shape != shape:
             raise ProtocolError(f"preview image is {img.shape}, masks are {shape}")
         header["image"] = {"encoding": "u8", "height": shape[0], "width": shape[1]}
         payloads.append(img)
     return [msg.stream.encode(), msgpack.packb(header, use_bin_type=True), *payloads]
+
+
+def _prompt_entry(p: PromptResult, version: int) -> dict[str, Any]:
+    entry: dict[str, Any] = {"id": p.id, "text": p.text, "score": float(p.score), "present": bool(p.present)}
+    if version >= 2 and p.geometry is not None:
+        entry.update(p.geometry.to_wire())
+    return entry
 
 
 def _need(cond: bool, what: str) -> None:
@@ -191,10 +231,10 @@ def decode_header(buf: bytes | memoryview) -> dict[str, Any]:
         raise ProtocolError(f"header is not valid msgpack: {type(exc).__name__}: {exc}") from exc
     _need(isinstance(header, dict), "header is not a map")
     version = header.get("v")
-    if version != PROTOCOL_VERSION:
+    if version not in SUPPORTED_VERSIONS:
         raise ProtocolVersionError(
-            f"publisher speaks protocol version {version!r}, this subscriber speaks {PROTOCOL_VERSION}; "
-            "upgrade the side that is older"
+            f"publisher speaks protocol version {version!r}, this subscriber speaks "
+            f"{' and '.join(map(str, SUPPORTED_VERSIONS))}; upgrade the side that is older"
         )
     _need(header.get("kind") == MESSAGE_KIND, f"unknown message kind {header.get('kind')!r}")
     for key, typ in (("stream", str), ("frame_id", int), ("seq", int), ("t", dict), ("mask", dict)):
@@ -209,6 +249,8 @@ def decode_header(buf: bytes | memoryview) -> dict[str, Any]:
             isinstance(v, int) and 0 < v <= MAX_SIDE, f"mask field {key!r} is missing or out of range: {v!r}"
         )
     _need(m.get("encoding") in ENCODINGS, f"unknown mask encoding {m.get('encoding')!r}")
+    _need(isinstance(m.get("planes", True), bool), "mask field 'planes' is not a boolean")
+    _need(version >= 2 or m.get("planes", True), "a version-1 message always carries mask planes")
     _need(
         (m["height"], m["width"]) == mask_shape((m["source_height"], m["source_width"]), m["downsample"]),
         "mask size does not match source size and downsample factor",
@@ -239,20 +281,29 @@ def decode_message(frames: Sequence[bytes | memoryview]) -> MaskMessage:
     m = header["mask"]
     shape = (m["height"], m["width"])
     n = len(header["prompts"])
+    planes = m.get("planes", True)
     has_image = "image" in header
-    want = 2 + n + (1 if has_image else 0)
+    _need(planes or not has_image, "a geometry-only message announces an image part")
+    want = 2 + (n + (1 if has_image else 0) if planes else 0)
     _need(len(frames) == want, f"message has {len(frames)} parts, the header announces {want}")
-    prompts = [
-        PromptResult(
-            id=p["id"],
-            text=p["text"],
-            score=float(p["score"]),
-            present=p["present"],
-            mask=decode_mask(frames[2 + i], shape, m["encoding"]),
-        )
-        for i, p in enumerate(header["prompts"])
-    ]
-    image = decode_mask(frames[-1], shape, "u8") if has_image else None
+    v2 = header["v"] >= 2
+    try:
+        prompts = [
+            PromptResult(
+                id=p["id"],
+                text=p["text"],
+                score=float(p["score"]),
+                present=p["present"],
+                mask=decode_mask(frames[2 + i], shape, m["encoding"]) if planes else None,
+                geometry=PromptGeometry.from_wire(p) if v2 else None,
+            )
+            for i, p in enumerate(header["prompts"])
+        ]
+        spacing = Spacing.from_wire(header["spacing"]) if v2 and "spacing" in header else None
+        scene = Scene.from_wire(header["scene"]) if v2 and "scene" in header else None
+    except GeometryFormatError as exc:
+        raise ProtocolError(f"invalid geometry: {exc}") from exc
+    image = decode_mask(frames[-1], shape, "u8") if has_image and planes else None
     return MaskMessage(
         stream=header["stream"],
         frame_id=header["frame_id"],
@@ -267,4 +318,7 @@ def decode_message(frames: Sequence[bytes | memoryview]) -> MaskMessage:
         image=image,
         version=header["v"],
         model=header.get("model", ""),
+        spacing=spacing,
+        scene=scene,
+        planes=planes,
     )

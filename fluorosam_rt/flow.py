@@ -40,6 +40,7 @@ STAGES = (
     "encoded",
     "decoded",
     "postprocessed",
+    "geometry",
     "published",
 )
 # Consecutive segments: their durations add up exactly to source -> published.
@@ -50,7 +51,8 @@ SEGMENTS = (
     ("encode", "preprocessed", "encoded"),
     ("decode", "encoded", "decoded"),
     ("postprocess", "decoded", "postprocessed"),
-    ("publish_wait", "postprocessed", "published"),
+    ("geometry", "postprocessed", "geometry"),
+    ("publish_wait", "geometry", "published"),
 )
 SPANS = (
     ("end_to_end", "received", "published"),

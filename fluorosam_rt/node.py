@@ -2,9 +2,10 @@
 
 Read top to bottom, a frame goes through:
 
-    receive -> preprocess -> encode image -> decode all prompts (one batch) -> postprocess -> publish
+    receive -> preprocess -> encode image -> decode all prompts (one batch) -> postprocess
+            -> geometry (outlines, instances, tool tips and axes, tracked ids) -> publish
 
-Three threads carry it: the source's (receive), inference (preprocess .. postprocess) and
+Three threads carry it: the source's (receive), inference (preprocess .. geometry) and
 publishing, joined by one-slot hand-offs where a newer frame replaces an older one. So when the
 model is slower than the C-arm the backlog can never exceed one frame per hand-off, old frames
 are dropped and counted with a reason, and latency does not grow with time.
@@ -30,10 +31,12 @@ import cv2
 import numpy as np
 import torch
 
+from bridge.prompt_geometry import PromptGeometry, Scene
 from bridge.protocol import MaskMessage, PromptResult, mask_shape
 from engines.base import Engine
 
 from .flow import FlowRing
+from .geometry_stage import GeometryStage, frame_spacing, support_rois
 from .overlay import to_display_u8
 from .predictor import Predictor
 from .prompts import Prompt
@@ -118,6 +121,9 @@ class Processed:
     present: list[bool] = field(default_factory=list)
     out_shape: tuple[int, int] = (0, 0)
     image: np.ndarray | None = None
+    rois: list[tuple[int, int, int, int] | None] | None = None  # where each mask can have pixels
+    geometry: list[PromptGeometry] = field(default_factory=list)
+    scene: Scene | None = None
 
 
 class FrameDropped(Exception):
@@ -144,8 +150,10 @@ class Node:
         max_prompts: int = 16,
         stats_window: int = 1000,
         model_name: str = "",
+        geometry: GeometryStage | None = None,
     ) -> None:
         from .active_prompts import ActivePrompts
+        from .linear_tools import default_linear_tools
 
         self.predictor = predictor
         self.source = source
@@ -158,6 +166,9 @@ class Node:
         self.max_consecutive_failures = max_consecutive_failures
         self.model_name = model_name
         self.prompts = ActivePrompts(predictor.add_prompts, max_prompts=max_prompts)
+        self.geometry = (
+            geometry if geometry is not None else GeometryStage(linear_tools=default_linear_tools())
+        )
         self.accounting = Accounting()
         # Flow tracking: the newest frames' stage stamps in a preallocated ring; ``latency`` is
         # the name status/stats readers have always used.
@@ -232,7 +243,7 @@ class Node:
         if self._in.put(frame) is not None:
             self.accounting.drop("superseded")  # latest frame wins: the waiting one is stale
 
-    # -- stages 2-5: inference thread ---------------------------------------------------------
+    # -- stages 2-6: inference thread ---------------------------------------------------------
 
     def _infer_loop(self) -> None:
         while not self._stop.is_set():
@@ -284,13 +295,17 @@ class Node:
             self.consecutive_failures = 0
         t["decoded"] = time.time_ns()
 
-        # postprocess: best of the multimask outputs, presence gate, threshold at output size
+        # postprocess: scene-cut check, best of the multimask outputs, optional causal smoothing,
+        # presence gate, threshold at output size
+        done.scene = self.geometry.begin_frame(frame.pixels, frame.meta)
         if prompts:
             best = iou.argmax(dim=1)
-            chosen = low[torch.arange(len(prompts)), best]
+            rows = torch.arange(len(prompts))
+            chosen, scores = self.geometry.smooth([q.id for q in prompts], low[rows, best], iou[rows, best])
             logits = p.postprocess(chosen, out_shape)
+            done.rois = support_rois(chosen, p.mask_threshold, p.engine.img_size, info.resized_hw, out_shape)
             for i in range(len(prompts)):
-                score = float(iou[i, best[i]])
+                score = float(scores[i])
                 present = score >= p.presence_threshold
                 m = (logits[i] > p.mask_threshold).view(np.uint8) if present else None
                 done.masks.append(m if m is not None else np.zeros(out_shape, np.uint8))
@@ -302,6 +317,12 @@ class Node:
                 cv2.resize(img, out_shape[::-1], interpolation=cv2.INTER_AREA) if self.downsample > 1 else img
             )
         t["postprocessed"] = time.time_ns()
+
+        # geometry: outlines, instances, tool tips and axes, ids tracked across frames
+        done.geometry = self.geometry.process(
+            prompts, done.masks, done.present, self.downsample, (h, w), frame.meta, done.rois
+        )
+        t["geometry"] = time.time_ns()
         return done
 
     def _run_engine(self, call: Any) -> Any:
@@ -357,11 +378,13 @@ class Node:
             downsample=self.downsample,
             encoding=self.mask_encoding,
             prompts=[
-                PromptResult(id=p.id, text=p.text, score=s, present=pr, mask=m)
-                for p, s, pr, m in zip(done.prompts, done.scores, done.present, done.masks)
+                PromptResult(id=p.id, text=p.text, score=s, present=pr, mask=m, geometry=g)
+                for p, s, pr, m, g in zip(done.prompts, done.scores, done.present, done.masks, done.geometry)
             ],
             image=done.image,
             model=self.model_name,
+            spacing=frame_spacing(meta),
+            scene=done.scene,
         )
 
     # -- what control reports ---------------------------------------------------------------
@@ -381,7 +404,10 @@ class Node:
             "in_flight": acc["in_flight"],
             "prompts": [prompt_dict(p) for p in self.prompts.snapshot()],
             "source": _loggable(self.source.describe()),
-            "publish": {"endpoints": list(getattr(self.publisher, "endpoints", []))},
+            "publish": {
+                "endpoints": list(getattr(self.publisher, "endpoints", [])),
+                **(self.publisher.describe() if hasattr(self.publisher, "describe") else {}),
+            },
             "last_error": self.last_error,
         }
 
@@ -395,6 +421,7 @@ class Node:
                 "window": self.flow.window,
                 "clock_steps": self.flow.clock_steps,
             },
+            "geometry": self.geometry.times.summary(),
             "text_encodes": self.predictor.cache.encode_count,
             "image_encodes": self.predictor.image_encode_count,
             "consecutive_failures": self.consecutive_failures,

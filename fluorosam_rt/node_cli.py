@@ -128,6 +128,8 @@ def _serve(args: argparse.Namespace) -> int:
         "event": "ready",
         "stream": settings.stream,
         "publish": app.node.publisher.endpoints,
+        "publish_geometry": app.node.publisher.geometry_endpoints,
+        "publish_v1": app.node.publisher.v1_endpoints,
         "control": app.control.endpoint if app.control else None,
         "source": app.node.source.describe(),
         "metrics": f"http://{metrics.address[0]}:{metrics.address[1]}/metrics" if metrics else None,
@@ -201,7 +203,7 @@ def _save_frame(out: Path, msg: Any, overlay: bool) -> None:
     import cv2
     import numpy as np
 
-    from .overlay import render_overlay, slugify
+    from .overlay import draw_geometry, render_overlay, slugify
 
     stem = f"{msg.frame_id:06d}"
     used: set[str] = set()
@@ -210,7 +212,8 @@ def _save_frame(out: Path, msg: Any, overlay: bool) -> None:
         while name in used:
             name += "_"
         used.add(name)
-        cv2.imwrite(str(out / f"{stem}_{name}.png"), p.mask * np.uint8(255))
+        if p.mask is not None:  # a geometry-only stream has no mask planes
+            cv2.imwrite(str(out / f"{stem}_{name}.png"), p.mask * np.uint8(255))
     header = {
         "frame_id": msg.frame_id,
         "seq": msg.seq,
@@ -222,15 +225,48 @@ def _save_frame(out: Path, msg: Any, overlay: bool) -> None:
         "mask_shape": list(msg.mask_shape),
         "downsample": msg.downsample,
         "encoding": msg.encoding,
+        "version": msg.version,
+        "spacing": msg.spacing.to_wire() if msg.spacing is not None else None,
+        "scene": msg.scene.to_wire() if msg.scene is not None else None,
         "prompts": [
-            {"id": p.id, "text": p.text, "score": p.score, "present": p.present} for p in msg.prompts
+            {
+                "id": p.id,
+                "text": p.text,
+                "score": p.score,
+                "present": p.present,
+                **(p.geometry.to_wire() if p.geometry is not None else {}),
+            }
+            for p in msg.prompts
         ],
     }
     (out / f"{stem}.json").write_text(json.dumps(header, indent=1, default=str))
     if overlay:
         base = msg.image if msg.image is not None else np.zeros(msg.mask_shape, np.uint8)
-        img = render_overlay(base, [p.mask for p in msg.prompts], [p.text for p in msg.prompts])
+        geometries = [p.geometry for p in msg.prompts]
+        masks = [p.mask if p.mask is not None else np.zeros(msg.mask_shape, np.uint8) for p in msg.prompts]
+        # with published geometry, its contours are drawn instead of outlines traced here
+        with_geometry = any(g is not None and g.contours for g in geometries)
+        img = render_overlay(base, masks, [p.text for p in msg.prompts], outline=not with_geometry)
+        draw_geometry(img, geometries, msg.downsample)
         cv2.imwrite(str(out / f"{stem}_overlay.png"), img)
+
+
+def view_line(msg: Any) -> str:
+    """One line per frame: latency, each prompt's area fraction, instances and tool tips."""
+    items = []
+    h, w = msg.source_shape
+    for p in msg.prompts:
+        g = p.geometry
+        if g is not None and g.area_px is not None:
+            frac = g.area_px / (h * w)
+        else:
+            frac = float(p.mask.mean()) if p.mask is not None else 0.0
+        item = f"{p.text}={frac:.3f}{'' if p.present else '(absent)'}"
+        if g is not None and g.instances:
+            item += f" x{len(g.instances)}"
+            item += "".join(f" tip#{i.id}=({i.tip[0]:.1f},{i.tip[1]:.1f})" for i in g.instances if i.tip)
+        items.append(item)
+    return f"frame {msg.frame_id} latency {msg.latency_ms():.1f} ms " + ", ".join(items)
 
 
 def cmd_view(args: argparse.Namespace) -> int:
@@ -245,10 +281,7 @@ def cmd_view(args: argparse.Namespace) -> int:
             n += 1
             if out is not None:
                 _save_frame(out, msg, args.overlay)
-            areas = ", ".join(
-                f"{p.text}={p.mask.mean():.3f}{'' if p.present else '(absent)'}" for p in msg.prompts
-            )
-            print(f"frame {msg.frame_id} latency {msg.latency_ms():.1f} ms {areas}", flush=True)
+            print(view_line(msg), flush=True)
     if n == 0:
         print(
             f"fluorosam-rt view: no frame arrived from {args.connect} within {args.timeout} s",

@@ -93,20 +93,42 @@ class ModelSettings(_Strict):
 
 
 class PublishSettings(_Strict):
+    # protocol version 2, masks and geometry
     endpoints: list[str] = Field(default_factory=lambda: ["tcp://127.0.0.1:5555"], min_length=1)
+    # version 2 without mask planes: geometry only (outlines, instances, tool tips and axes)
+    geometry_endpoints: list[str] = Field(default_factory=list)
+    # version 1 exactly, for subscribers not yet upgraded (no geometry)
+    v1_endpoints: list[str] = Field(default_factory=list)
     sndhwm: int = Field(default=2, ge=1, le=1000)  # messages queued per subscriber before dropping
     sndbuf: int = Field(default=0, ge=0)  # kernel send buffer bytes (0: OS default)
     mask_encoding: Literal["u8", "bits"] = "u8"
     downsample: int = Field(default=1, ge=1, le=64)
     include_image: bool = False  # add a uint8 preview of the frame (viewers, the demo)
 
-    @field_validator("endpoints")
+    @field_validator("endpoints", "geometry_endpoints", "v1_endpoints")
     @classmethod
     def _eps(cls, v: list[str]) -> list[str]:
         for ep in v:
             if not ep.startswith(("tcp://", "ipc://", "inproc://")):
                 raise ValueError(f"endpoint {ep!r} must start with tcp://, ipc:// or inproc://")
         return v
+
+
+class GeometrySettings(_Strict):
+    """Per prompt outlines, instances, tool tips and axes, and tracked ids (geometry_stage.py)."""
+
+    enabled: bool = True
+    contour_tolerance_px: float = Field(default=1.0, ge=0, le=50)  # Douglas-Peucker, source pixels
+    min_instance_px: int = Field(default=25, ge=1)  # smaller parts are counted as specks
+    max_instances: int = Field(default=32, ge=1, le=1024)  # per prompt, largest first
+    min_elongation: float = Field(default=3.0, ge=1.0)  # length/width below which a tool is a blob
+    tracking: bool = True
+    track_max_missed: int = Field(default=5, ge=0, le=1000)  # frames a lost instance keeps its id
+    # weight of the past in the causal EMA of logits and scores; 0 (default) is off: no lag at all
+    smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
+    cut_threshold: float = Field(default=0.35, gt=0)  # image change that starts a new scene
+    cut_angle_deg: float = Field(default=10.0, gt=0)  # positioner angle jump that starts a new scene
+    vocabulary: str | None = None  # where linear tools are marked; None: configs/vocabulary.yaml
 
 
 class ControlSettings(_Strict):
@@ -138,6 +160,7 @@ class NodeSettings(_Strict):
     source: SourceSettings
     model: ModelSettings = Field(default_factory=ModelSettings)
     publish: PublishSettings = Field(default_factory=PublishSettings)
+    geometry: GeometrySettings = Field(default_factory=GeometrySettings)
     control: ControlSettings = Field(default_factory=ControlSettings)
     security: SecuritySettings = Field(default_factory=SecuritySettings)
     prompts: list[PromptSettings | str] = Field(default_factory=list)

@@ -16,8 +16,10 @@ from engines.base import Engine, EngineError
 
 from .bundle import ModelBundle, load_bundle
 from .control import ControlServer
+from .geometry_stage import GeometryOptions, GeometryStage
+from .linear_tools import LinearTools, default_linear_tools
 from .node import Node
-from .node_config import NodeSettings
+from .node_config import GeometrySettings, NodeSettings
 from .predictor import Predictor
 from .prompts import Prompt
 from .publish import MaskPublisher
@@ -36,6 +38,23 @@ def make_engine(name: str, bundle: ModelBundle, device: str) -> Engine:
     except ImportError as exc:
         raise EngineError(f"engine {name!r} is not available in this installation (only 'torch')") from exc
     return create_engine(name, bundle.model, device=device)
+
+
+def make_geometry_stage(g: GeometrySettings) -> GeometryStage:
+    options = GeometryOptions(
+        enabled=g.enabled,
+        tolerance_px=g.contour_tolerance_px,
+        min_instance_px=g.min_instance_px,
+        max_instances=g.max_instances,
+        min_elongation=g.min_elongation,
+        tracking=g.tracking,
+        track_max_missed=g.track_max_missed,
+        smoothing=g.smoothing,
+        cut_threshold=g.cut_threshold,
+        cut_angle_deg=g.cut_angle_deg,
+    )
+    tools = default_linear_tools() if g.vocabulary is None else LinearTools.load(g.vocabulary)
+    return GeometryStage(options, tools)
 
 
 @dataclass
@@ -94,8 +113,15 @@ def build_app(settings: NodeSettings, bundle: ModelBundle | None = None) -> Node
         curve = load_keys(sec.curve_secret_key)
         context = zmq.Context()
         gate = CurveGate(context, sec.curve_allowed_clients or "")
+    pub = settings.publish
     publisher = MaskPublisher(
-        settings.publish.endpoints, settings.publish.sndhwm, settings.publish.sndbuf, context, curve
+        pub.endpoints,
+        pub.sndhwm,
+        pub.sndbuf,
+        context,
+        curve,
+        geometry_endpoints=pub.geometry_endpoints,
+        v1_endpoints=pub.v1_endpoints,
     )
     node = Node(
         predictor,
@@ -110,6 +136,7 @@ def build_app(settings: NodeSettings, bundle: ModelBundle | None = None) -> Node
         max_prompts=settings.max_prompts,
         stats_window=settings.stats_window,
         model_name=bundle.name,
+        geometry=make_geometry_stage(settings.geometry),
     )
     try:
         initial = [

@@ -43,7 +43,7 @@ def test_ring_keeps_the_newest_frames_in_order_converted_to_the_monotonic_clock(
     ring = FlowRing(capacity=8)
     off = -1_000_000_000
     for i in range(20):
-        ring.record(100 + i, stamps(10**12 + i * 10**6, [1, 2, 3, 4, 5, 6, 7]), offset_ns=off)
+        ring.record(100 + i, stamps(10**12 + i * 10**6, list(range(1, len(STAGES)))), offset_ns=off)
     first, ids, ns = ring.rows()
     assert ring.count == 20
     assert first == 12
@@ -65,7 +65,7 @@ def test_ring_keeps_the_newest_frames_in_order_converted_to_the_monotonic_clock(
 
 def test_missing_stages_are_left_out_of_that_segment_only():
     ring = FlowRing(capacity=4)
-    t = stamps(10**12, [1000] * 7)
+    t = stamps(10**12, [1000] * (len(STAGES) - 1))
     del t["encoded"]
     ring.record(1, t, offset_ns=0)
     _, _, ns = ring.rows()
@@ -74,13 +74,13 @@ def test_missing_stages_are_left_out_of_that_segment_only():
     assert "encode" not in s
     assert "decode" not in s
     assert s["end_to_end"]["n"] == 1
-    assert s["end_to_end"]["p50_ms"] == pytest.approx(6000 / 1e6)
+    assert s["end_to_end"]["p50_ms"] == pytest.approx((len(STAGES) - 2) * 1000 / 1e6)
 
 
 def test_summary_percentiles_match_numpy_and_segments_add_up():
     rng = np.random.default_rng(0)
     ring = FlowRing(capacity=500, window=300)
-    steps = rng.integers(1_000, 5_000_000, size=(700, 7))
+    steps = rng.integers(1_000, 5_000_000, size=(700, len(STAGES) - 1))
     for i, row in enumerate(steps):
         ring.record(i, stamps(10**15 + i * 10**8, row.tolist()), offset_ns=0)
     s = ring.summary()
@@ -99,7 +99,7 @@ def test_summary_percentiles_match_numpy_and_segments_add_up():
 
 def test_recording_allocates_nothing_per_frame():
     ring = FlowRing(capacity=1024)
-    t = stamps(10**15, [10_000] * 7)
+    t = stamps(10**15, [10_000] * (len(STAGES) - 1))
     for i in range(2048):  # wrap once so every row has been written
         ring.record(i, t)
     tracemalloc.start()
@@ -117,7 +117,7 @@ def test_recording_allocates_nothing_per_frame():
 
 def test_a_wall_clock_step_is_counted():
     ring = FlowRing(capacity=4)
-    t = stamps(10**15, [10] * 7)
+    t = stamps(10**15, [10] * (len(STAGES) - 1))
     ring.record(0, t, offset_ns=5_000)
     ring.record(1, t, offset_ns=5_100)  # jitter between the two clock reads: not a step
     assert ring.clock_steps == 0
@@ -128,7 +128,7 @@ def test_a_wall_clock_step_is_counted():
 def test_prometheus_text_carries_the_summary_and_counters():
     ring = FlowRing(capacity=16)
     for i in range(10):
-        ring.record(i, stamps(10**15 + i, [1_000_000 * (i + 1)] * 7), offset_ns=0)
+        ring.record(i, stamps(10**15 + i, [1_000_000 * (i + 1)] * (len(STAGES) - 1)), offset_ns=0)
     stats = {
         "received": 12,
         "published": 10,

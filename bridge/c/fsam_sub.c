@@ -1,13 +1,15 @@
 /*
- * fsam_sub: a minimal C subscriber to the fluorosam-rt mask stream (protocol version 1).
+ * fsam_sub: a minimal C subscriber to the fluorosam-rt mask stream (protocol versions 1 and 2).
  *
  * It exists to prove the wire protocol is language-neutral: it uses only libzmq and a
  * self-contained msgpack reader (the header needs a handful of types), and prints for every
  * message the same line as `fluorosam-rt bridge listen`:
  *
- *     frame <frame_id> seq <seq> prompts <K> sums <s0> <s1> ...
+ *     frame <frame_id> seq <seq> prompts <K> sums <s0> <s1> ... [tips <p>:<id>:<x>,<y> ...]
  *
- * where s_i is the number of mask pixels set for prompt i. See docs/protocol.md.
+ * where s_i is the number of mask pixels set for prompt i ("-" in a geometry-only message, which
+ * has no mask planes), and each tool tip (version 2) is given by its prompt's index, its
+ * instance's tracked id and its position in source pixels. See docs/protocol.md.
  *
  * Build: cc -O2 -o fsam_sub fsam_sub.c -lzmq
  * Run:   ./fsam_sub ENDPOINT [TOPIC] [COUNT]
@@ -57,6 +59,20 @@ static int64_t read_int(reader *r) {
     }
     r->err = 1;
     return 0;
+}
+
+/* Reads a number (any msgpack int or float format); sets err for anything else. */
+static double read_num(reader *r) {
+    if (r->err || r->p >= r->end) { r->err = 1; return 0; }
+    uint8_t c = *r->p;
+    if (c == 0xca || c == 0xcb) {
+        r->p++;
+        const uint8_t *q = take(r, c == 0xca ? 4 : 8);
+        if (!q) return 0;
+        if (c == 0xca) { uint32_t u = (uint32_t)be(q, 4); float f; memcpy(&f, &u, 4); return f; }
+        uint64_t u = be(q, 8); double d; memcpy(&d, &u, 8); return d;
+    }
+    return (double)read_int(r);
 }
 
 /* Reads a string header; returns its bytes (not NUL-terminated) and length. */
@@ -121,16 +137,59 @@ static int key_is(const uint8_t *k, uint32_t n, const char *want) {
     return k && n == strlen(want) && memcmp(k, want, n) == 0;
 }
 
+#define MAX_TIPS 1024
+
+typedef struct {
+    int64_t prompt, id;
+    double x, y;
+} tip;
+
 typedef struct {
     int64_t version, frame_id, seq, height, width, n_prompts;
-    int bits; /* 1: "bits" encoding, 0: "u8" */
+    int bits;   /* 1: "bits" encoding, 0: "u8" */
+    int planes; /* 0: geometry-only message (version 2), no mask parts */
+    int n_tips;
+    tip tips[MAX_TIPS];
 } header;
+
+/* One instance map of a version-2 prompt entry: its id and, for a tool, its tip. */
+static void parse_instance(reader *r, header *h, int64_t prompt) {
+    int64_t n = read_container(r, 1), id = -1;
+    double x = 0, y = 0;
+    int has_tip = 0;
+    for (int64_t i = 0; i < n && !r->err; i++) {
+        uint32_t kl = 0;
+        const uint8_t *k = read_str(r, &kl);
+        if (key_is(k, kl, "id")) id = read_int(r);
+        else if (key_is(k, kl, "tip")) {
+            if (read_container(r, 0) != 2) { r->err = 1; return; }
+            x = read_num(r);
+            y = read_num(r);
+            has_tip = 1;
+        } else skip(r, 2);
+    }
+    if (has_tip && !r->err && h->n_tips < MAX_TIPS) h->tips[h->n_tips++] = (tip){prompt, id, x, y};
+}
+
+/* One prompt entry: only "instances" matters here. */
+static void parse_prompt(reader *r, header *h, int64_t prompt) {
+    int64_t n = read_container(r, 1);
+    for (int64_t i = 0; i < n && !r->err; i++) {
+        uint32_t kl = 0;
+        const uint8_t *k = read_str(r, &kl);
+        if (key_is(k, kl, "instances")) {
+            int64_t m = read_container(r, 0);
+            for (int64_t j = 0; j < m && !r->err; j++) parse_instance(r, h, prompt);
+        } else skip(r, 1);
+    }
+}
 
 static int parse_header(const uint8_t *buf, size_t len, header *h) {
     reader r = {buf, buf + len, 0};
     memset(h, 0, sizeof *h);
     h->version = -1;
     h->n_prompts = -1;
+    h->planes = 1;
     int64_t n = read_container(&r, 1);
     for (int64_t i = 0; i < n && !r.err; i++) {
         uint32_t kl = 0;
@@ -138,7 +197,7 @@ static int parse_header(const uint8_t *buf, size_t len, header *h) {
         if (key_is(k, kl, "v")) h->version = read_int(&r);
         else if (key_is(k, kl, "frame_id")) h->frame_id = read_int(&r);
         else if (key_is(k, kl, "seq")) h->seq = read_int(&r);
-        else if (key_is(k, kl, "prompts")) { h->n_prompts = read_container(&r, 0); for (int64_t j = 0; j < h->n_prompts; j++) skip(&r, 1); }
+        else if (key_is(k, kl, "prompts")) { h->n_prompts = read_container(&r, 0); for (int64_t j = 0; j < h->n_prompts && !r.err; j++) parse_prompt(&r, h, j); }
         else if (key_is(k, kl, "mask")) {
             int64_t m = read_container(&r, 1);
             for (int64_t j = 0; j < m && !r.err; j++) {
@@ -147,6 +206,7 @@ static int parse_header(const uint8_t *buf, size_t len, header *h) {
                 if (key_is(mk, ml, "height")) h->height = read_int(&r);
                 else if (key_is(mk, ml, "width")) h->width = read_int(&r);
                 else if (key_is(mk, ml, "encoding")) { uint32_t el = 0; const uint8_t *e = read_str(&r, &el); h->bits = key_is(e, el, "bits"); }
+                else if (key_is(mk, ml, "planes")) { const uint8_t *b = take(&r, 1); if (b && (*b == 0xc2 || *b == 0xc3)) h->planes = *b == 0xc3; else r.err = 1; }
                 else skip(&r, 1);
             }
         } else skip(&r, 0);
@@ -191,15 +251,19 @@ int main(int argc, char **argv) {
         if (np < 2 || parse_header(zmq_msg_data(&parts[1]), zmq_msg_size(&parts[1]), &h) != 0) {
             fprintf(stderr, "malformed header\n"); rc = 3; goto close;
         }
-        if (h.version != 1) { fprintf(stderr, "protocol version %lld, this subscriber speaks 1\n", (long long)h.version); rc = 4; goto close; }
-        if (h.n_prompts < 0 || np < 2 + h.n_prompts) { fprintf(stderr, "part count does not match the header\n"); rc = 3; goto close; }
+        if (h.version != 1 && h.version != 2) { fprintf(stderr, "protocol version %lld, this subscriber speaks 1 and 2\n", (long long)h.version); rc = 4; goto close; }
+        if (h.n_prompts < 0 || np < 2 + (h.planes ? h.n_prompts : 0)) { fprintf(stderr, "part count does not match the header\n"); rc = 3; goto close; }
         size_t want = h.bits ? (size_t)((h.height * h.width + 7) / 8) : (size_t)(h.height * h.width);
         printf("frame %lld seq %lld prompts %lld sums", (long long)h.frame_id, (long long)h.seq, (long long)h.n_prompts);
         for (int64_t i = 0; i < h.n_prompts; i++) {
+            if (!h.planes) { printf(" -"); continue; }
             zmq_msg_t *m = &parts[2 + i];
             if (zmq_msg_size(m) != want) { fprintf(stderr, "\nmask %lld has %zu bytes, expected %zu\n", (long long)i, zmq_msg_size(m), want); rc = 3; goto close; }
             printf(" %llu", (unsigned long long)mask_sum(zmq_msg_data(m), want, h.bits));
         }
+        if (h.n_tips) printf(" tips");
+        for (int i = 0; i < h.n_tips; i++)
+            printf(" %lld:%lld:%.2f,%.2f", (long long)h.tips[i].prompt, (long long)h.tips[i].id, h.tips[i].x, h.tips[i].y);
         printf("\n");
         fflush(stdout);
     close:

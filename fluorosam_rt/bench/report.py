@@ -23,6 +23,7 @@ STAGE_ORDER = (
     "encode",
     "decode",
     "postprocess",
+    "geometry",
     "publish_wait",
     "transport",
 )
@@ -515,7 +516,8 @@ def markdown(result: dict[str, Any], image_prefix: str, notes: str = "") -> str:
             "",
             "Stages: ingest (source -> node), queue (waiting for the inference thread), "
             "preprocess, encode (image), decode (all prompts, one batch), postprocess "
-            "(upsample, threshold), publish_wait (waiting for and running the publisher), "
+            "(upsample, threshold), geometry (outlines, instances, tools, tracking), "
+            "publish_wait (waiting for and running the publisher), "
             "transport (ZeroMQ to the subscriber, decode there). They telescope, so their means "
             f"add up to the mean end to end; the largest error in this run is "
             f"{max((c.get('stage_sum_error_ms') or 0) for c in result['cells']):.4f} ms "
