@@ -151,6 +151,7 @@ def test_limb_views_follow_the_limb(body, vocab) -> None:
 
 
 def test_grashey_beam_is_square_to_the_scapular_plane(body, vocab) -> None:
+    """Grashey: beam along the scapular plane's normal (on the bundled chest CT: 16° left, 9° right)."""
     anat = anatomy_of(body, vocab)
     rng = np.random.default_rng(4)
     for side in ("left", "right"):
@@ -256,3 +257,19 @@ def test_automatic_exposure_evens_out_the_noise() -> None:
         noise.append(np.mean(counts))
     # Same relative noise for both; without AEC the thick part would get 50x fewer counts.
     assert abs(noise[0] - noise[1]) < 0.15 * noise[0]
+
+
+def test_judet_views_show_the_iliac_wing_edge_on_or_en_face(body, vocab) -> None:
+    """Obturator oblique: the ipsilateral iliac wing in profile (beam in its plane); iliac oblique: the wing
+    en face (beam along its normal). Measured the same way on the built pelvis bodies (fracsegnet_001/003,
+    opensim_lumbar_pelvis, totalseg_example): 80-90° and 10-18°."""
+    anat = anatomy_of(body, vocab)
+    rng = np.random.default_rng(8)
+    for side in ("left", "right"):
+        pts = anat.points(f"hip_{side}")
+        wing = pts[pts[:, 2] > anat.joint(f"femur_{side}", f"hip_{side}")[2] + 40.0]
+        normal = pca(wing)[2][2]
+        for kind, lo, hi in (("obturator", 65.0, 90.0), ("iliac", 0.0, 25.0)):
+            cam, _, _ = sample_view(rng, body, vocab, "pelvis", SIZE, view=f"judet_{kind}_{side}")
+            angle = np.degrees(np.arccos(abs(float(cam.axes[0] @ normal))))
+            assert lo <= angle <= hi, (side, kind, angle)

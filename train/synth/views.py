@@ -349,7 +349,7 @@ def view_pose(
     return inside_volume(anat.vol, region_aim(anat, region, side)), p, s
 
 
-def inside_volume(vol: PreparedVolume, point: np.ndarray, margin_mm: float = 40.0) -> np.ndarray:
+def inside_volume(vol: PreparedVolume, point: np.ndarray, margin_mm: float = 60.0) -> np.ndarray:
     """``point`` moved, axis by axis, at least ``margin_mm`` inside the CT's extent (where the CT is wide
     enough), so a view of a structure cut by the scan's edge is not half empty."""
     shape = np.array(vol.materials.shape[2:], dtype=np.float64) - 1
