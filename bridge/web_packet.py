@@ -34,18 +34,18 @@ import numpy as np
 
 from .protocol import STAGES, MaskMessage, PromptResult
 
-# Consecutive stages of the header's ``t`` map, named as the node's flow accounting names them
-# (fluorosam_rt/flow.py SEGMENTS); "transport" is published -> arrival at the viewer.
-SEGMENTS = (
-    ("ingest", "source", "received"),
-    ("queue", "received", "dequeued"),
-    ("preprocess", "dequeued", "preprocessed"),
-    ("encode", "preprocessed", "encoded"),
-    ("decode", "encoded", "decoded"),
-    ("postprocess", "decoded", "postprocessed"),
-    ("publish_wait", "postprocessed", "published"),
-)
-assert all(a in STAGES and b in STAGES for _, a, b in SEGMENTS)
+# Time between consecutive stamps of the header's ``t`` map, named by the stage that ends it
+# as the node's flow accounting names it (fluorosam_rt/flow.py SEGMENTS); a stage a frame skipped
+# folds into the next one it passed. "transport" is published -> arrival at the viewer.
+SEGMENT_NAMES = {
+    "received": "ingest",
+    "dequeued": "queue",
+    "preprocessed": "preprocess",
+    "encoded": "encode",
+    "decoded": "decode",
+    "postprocessed": "postprocess",
+    "published": "publish_wait",
+}
 
 SAFE_SOURCE_KEYS = ("source", "frame_index", "num_frames", "Modality", "inverted", "frame_interval_ms")
 PATIENT_KEYS = (
@@ -59,8 +59,6 @@ PATIENT_KEYS = (
     "AccessionNumber",
     "ReferringPhysicianName",
 )
-# Protocol v2 geometry per prompt result (docs/protocol.md): passed through when present.
-GEOMETRY_FIELDS = ("contours", "bbox", "centroid", "area_px", "area_mm2", "instances")
 JPEG_QUALITY = 80
 
 
@@ -131,24 +129,22 @@ def _plain(value: Any) -> Any:
 
 
 def _geometry_of(p: PromptResult) -> dict[str, Any]:
-    """Geometry fields of one prompt result (protocol v2), wherever the SDK keeps them."""
-    holders = [p, getattr(p, "geometry", None)]
-    out: dict[str, Any] = {}
-    for key in GEOMETRY_FIELDS:
-        for h in holders:
-            v = h.get(key) if isinstance(h, Mapping) else getattr(h, key, None)
-            if v is not None:
-                out[key] = _plain(v)
-                break
-    return out
+    """The prompt's protocol-v2 geometry as the header carries it (source pixels; contours as
+    polygons of rings; instances with tool tips and axes: bridge/prompt_geometry.py); {} in v1."""
+    g = getattr(p, "geometry", None)
+    return _plain(g.to_wire()) if g is not None else {}
 
 
 def stage_times_ms(t: Mapping[str, int], arrived_wall_ns: int | None = None) -> dict[str, float]:
-    """Milliseconds spent in each consecutive stage this frame passed (absent stages are left out)."""
+    """Milliseconds between consecutive stamps this frame has, in the protocol's stage order."""
     out: dict[str, float] = {}
-    for name, a, b in SEGMENTS:
-        if a in t and b in t:
-            out[name] = round((t[b] - t[a]) / 1e6, 3)
+    prev = None
+    for stage in STAGES:
+        if stage not in t:
+            continue
+        if prev is not None:
+            out[SEGMENT_NAMES.get(stage, stage)] = round((t[stage] - t[prev]) / 1e6, 3)
+        prev = stage
     if arrived_wall_ns is not None and "published" in t:
         out["transport"] = round((arrived_wall_ns - t["published"]) / 1e6, 3)
     return out
@@ -216,6 +212,9 @@ def build_frame_packet(
         "latency_ms": None if lat is None else round(lat, 3),
         "source": source_info(msg.source, show_patient),
     }
+    spacing = getattr(msg, "spacing", None)  # protocol v2: the source pixel size and its plane
+    if spacing is not None:
+        header["spacing"] = _plain(spacing.to_wire())
     head = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
     return struct.pack("<I", len(head)) + head + b"".join(body)
 

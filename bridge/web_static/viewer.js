@@ -163,32 +163,19 @@ async function drawFrame(h, body) {
   showFrameInfo(h);
 }
 
-// Protocol v2 geometry (contours in source pixels, instances with tool tips): drawn when the
-// node publishes it, whatever nesting the polygons come in.
-function polylines(obj, out) {
-  if (!obj) return out;
-  if (Array.isArray(obj)) {
-    if (obj.length && Array.isArray(obj[0]) && typeof obj[0][0] === "number") out.push(obj);
-    else for (const o of obj) polylines(o, out);
-  } else if (typeof obj === "object") {
-    for (const k of ["points", "exterior", "outer", "holes", "contour", "contours", "polygon"]) {
-      if (k in obj) polylines(obj[k], out);
-    }
-  }
+// Protocol v2 geometry (bridge/prompt_geometry.py), drawn when the node publishes it: contours
+// are polygons of rings ([x, y] in source pixels, ring 0 the outline, then holes); a linear
+// tool's instance has a centre line, a tip and a unit axis pointing towards the tip.
+function rings(contours) {
+  const out = [];
+  for (const poly of contours || []) for (const ring of poly || []) if (Array.isArray(ring)) out.push(ring);
   return out;
-}
-
-function point(p) {
-  if (!p) return null;
-  if (Array.isArray(p) && typeof p[0] === "number") return p;
-  if (typeof p === "object" && typeof p.x === "number") return [p.x, p.y];
-  return null;
 }
 
 function drawGeometry(ctx, h) {
   const s = 1 / (h.downsample || 1);
-  const stroke = (pts, closed) => {
-    if (pts.length < 2) return;
+  const path = (pts, closed) => {
+    if (!pts || pts.length < 2) return;
     ctx.beginPath();
     ctx.moveTo(pts[0][0] * s, pts[0][1] * s);
     for (let i = 1; i < pts.length; i++) ctx.lineTo(pts[i][0] * s, pts[i][1] * s);
@@ -201,39 +188,30 @@ function drawGeometry(ctx, h) {
     if (!p.present) continue;
     const c = colorFor(p.id);
     ctx.strokeStyle = css(c);
-    for (const poly of polylines(p.contours, [])) stroke(poly, true);
+    for (const ring of rings(p.contours)) path(ring, true);
     for (const inst of p.instances || []) {
-      for (const poly of polylines(inst.contour, [])) stroke(poly, true);
       if (inst.polyline) {
         ctx.setLineDash([4, 3]);
-        for (const poly of polylines(inst.polyline, [])) stroke(poly, false);
+        path(inst.polyline, false);
         ctx.setLineDash([]);
       }
-      let tips = inst.tip;
-      if (tips && !point(tips)) tips = Array.isArray(tips) ? tips : [tips];
-      else tips = tips ? [tips] : [];
-      for (const t of tips) {
-        const q = point(t);
-        if (!q) continue;
-        ctx.fillStyle = "#fff";
+      if (!inst.tip) continue;
+      const [tx, ty] = [inst.tip[0] * s, inst.tip[1] * s];
+      if (inst.axis) {
+        const len = h.width / 10;
         ctx.beginPath();
-        ctx.arc(q[0] * s, q[1] * s, Math.max(3, h.width / 150), 0, 2 * Math.PI);
-        ctx.fill();
+        ctx.moveTo(tx - inst.axis[0] * len, ty - inst.axis[1] * len);
+        ctx.lineTo(tx, ty);
         ctx.stroke();
-        const ax = point(inst.axis);
-        if (ax) {
-          const len = h.width / 12;
-          ctx.beginPath();
-          ctx.moveTo(q[0] * s, q[1] * s);
-          ctx.lineTo(q[0] * s + ax[0] * len, q[1] * s + ax[1] * len);
-          ctx.stroke();
-        }
-        if (inst.id !== undefined) {
-          ctx.fillStyle = css(c);
-          ctx.font = `${Math.max(10, h.width / 40)}px sans-serif`;
-          ctx.fillText(String(inst.id), q[0] * s + 6, q[1] * s - 6);
-        }
       }
+      ctx.fillStyle = "#fff";
+      ctx.beginPath();
+      ctx.arc(tx, ty, Math.max(3, h.width / 150), 0, 2 * Math.PI);
+      ctx.fill();
+      ctx.stroke();
+      ctx.fillStyle = css(c);
+      ctx.font = `${Math.max(10, h.width / 40)}px sans-serif`;
+      ctx.fillText(`#${inst.id}`, tx + 6, ty - 6);
     }
   }
   ctx.restore();
@@ -254,6 +232,10 @@ function showFrameInfo(h) {
     sw.style.background = css(colorFor(p.id));
     li.append(sw, el("span", p.text), el("span", p.score === null ? "–" : p.score.toFixed(2), "dim"),
       el("span", p.present ? "present" : "absent", "dim"));
+    if (p.instances && p.instances.length) {
+      const tips = p.instances.filter((i) => i.tip).length;
+      li.append(el("span", `${p.instances.length} inst.${tips ? `, ${tips} tip${tips > 1 ? "s" : ""}` : ""}`, "dim"));
+    }
     legend.append(li);
   }
   const stages = $("stages");
