@@ -23,6 +23,11 @@ fi
 if ! command -v dciodvfy >/dev/null 2>&1; then
   (apt-get update -qq && apt-get install -y -qq dicom3tools) >/dev/null || echo "[test] could not install dicom3tools" >&2
 fi
+# The web viewer's tests (tests/test_bridge_web.py) drive Debian's headless chromium through its
+# chromedriver; without them those tests fail (they never skip).
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  (apt-get update -qq && apt-get install -y -qq chromium chromium-driver) >/dev/null || echo "[test] could not install chromium/chromium-driver" >&2
+fi
 marker=(-m "not slow")
 args=()
 for a in "$@"; do
