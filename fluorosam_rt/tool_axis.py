@@ -11,7 +11,8 @@ directly, in one vectorised pass over the traced outline:
    the medial axis sampled every ~2 px, and the widths tell a line from a blob (length/width)
    and from a shape that folds back (slices much wider than the tube);
 3. the axis is a robust (Huber) line fit to the centre points: over the whole line for a rigid
-   tool, over the third nearest the tip for a flexible one (a guidewire's tip direction is local);
+   tool, over the last six widths before the tip for a flexible one (a guidewire's tip
+   direction is local);
 4. each end is the outline's extreme point along that line, so the tip is where the mask ends,
    not where a thinned skeleton stops. (Along a cut end many boundary pixels sit side by side, and
    the most advanced centre lies within a few tenths of a pixel of the edge: measured unbiased on
@@ -35,7 +36,11 @@ from bridge.prompt_geometry import Instance, Spacing
 from .outlines import Part, to_source
 
 TAPER_RATIO = 0.8  # an end this much narrower than the other is the tip
-FLEX_WINDOW = 0.33  # a flexible tool's axis is fitted over this fraction of its centre line
+# A flexible tool's axis is the direction at its tip: fitted over the last FLEX_WIDTHS widths of
+# its centre line (at least FLEX_MIN_PX source pixels); a rigid tool's over the whole line.
+FLEX_WIDTHS = 6.0
+FLEX_MIN_PX = 48.0
+MAX_EDGES = 3.0  # boundary runs crossing a slice: 2 for a tube, 4 where it folds back (a U)
 
 
 @dataclass
@@ -100,13 +105,18 @@ def fit_tool(part: Part, downsample: int, flexible: bool, min_elongation: float 
     span = float(t.max()) - tmin + 1.0
     if span / w_med < min_elongation:
         return f"a blob, not a line (length/width {span / w_med:.1f} < {min_elongation:g})"
-    if np.count_nonzero(width[inner] > 2.5 * w_med + 2.0) > 0.15 * nb:
+    # A traced edge along u has max(|ux|, |uy|) boundary pixels per unit of t.
+    edges = counts[inner] / (b * max(abs(u[0]), abs(u[1])))
+    if float(np.median(edges)) > MAX_EDGES or np.count_nonzero(width[inner] > 2.5 * w_med + 2.0) > 0.15 * nb:
         return "does not follow one line (it folds back, branches or crosses another part)"
     centre = part.center + np.outer(tc, u) + np.outer(mid, v)  # mask pixels, ordered along u
     core = centre[inner] if nb > 4 else centre
     H, W = part.mask_hw
     on_border = (P[:, 0] <= 0) | (P[:, 1] <= 0) | (P[:, 0] >= W - 1) | (P[:, 1] >= H - 1)
-    k = max(2, math.ceil(len(core) * (FLEX_WINDOW if flexible else 1.0)))
+    k = len(core)
+    if flexible:
+        k = min(k, max(3, math.ceil(max(FLEX_WIDTHS * w_med, FLEX_MIN_PX / d) / b)))
+    n_end = max(2, math.ceil(w_med / b))  # slices that tell a tapered end: about one width
     ends = []
     for sign, seg in ((-1.0, core[:k]), (1.0, core[-k:])):
         p0, direction = _fit_direction(seg, sign * u)
@@ -114,8 +124,7 @@ def fit_tool(part: Part, downsample: int, flexible: bool, min_elongation: float 
         reach = float(proj.max())
         near = proj >= reach - 1.5
         point = p0 + reach * direction
-        n_end = max(2, math.ceil(0.15 * nb))
-        w_end = width[1 : 1 + n_end] if sign < 0 else width[nb - 1 - n_end : nb - 1]
+        w_end = width[1 : 1 + n_end] if sign < 0 else width[max(1, nb - 1 - n_end) : nb - 1]
         ends.append(
             End(
                 point=to_source(point, d),
@@ -125,8 +134,20 @@ def fit_tool(part: Part, downsample: int, flexible: bool, min_elongation: float 
             )
         )
     line = np.vstack([ends[0].point, to_source(core, d), ends[1].point])
-    length = float(np.sum(np.hypot(*np.diff(line, axis=0).T)))
+    # Length along the line simplified to 1 px: the slice midpoints wobble by a fraction of a
+    # pixel, and summing that wobble would lengthen a straight wire by ~1 %.
+    length = float(np.sum(np.hypot(*np.diff(simplify(line, 1.0), axis=0).T)))
     return ToolFit(centre=line, ends=(ends[0], ends[1]), length_px=length, width_px=w_med * d)
+
+
+def simplify(line: np.ndarray, tolerance_px: float) -> np.ndarray:
+    """Douglas-Peucker on an open polyline, end points kept (float64 in, float64 out)."""
+    if tolerance_px <= 0 or len(line) < 3:
+        return line
+    out = cv2.approxPolyDP(line.astype(np.float32).reshape(-1, 1, 2), tolerance_px, False).reshape(-1, 2)
+    out = out.astype(np.float64)
+    out[0], out[-1] = line[0], line[-1]  # exact ends (float32 would round the tip)
+    return out
 
 
 def choose_tip(
@@ -167,8 +188,7 @@ def apply_tool(
     else:  # tip first, the axis pointing out through the tip
         line = fit.centre if tip_end == 0 else fit.centre[::-1]
         direction = fit.ends[tip_end].direction
-    simple = cv2.approxPolyDP(line.astype(np.float32).reshape(-1, 1, 2), tolerance_px, False).reshape(-1, 2)
-    inst.polyline = simple.astype(np.float64)
+    inst.polyline = simplify(line, tolerance_px)
     inst.axis = (float(direction[0]), float(direction[1]))
     inst.length_px = fit.length_px
     inst.width_px = fit.width_px
@@ -180,6 +200,6 @@ def apply_tool(
         inst.tip = (float(p[0]), float(p[1]))
         inst.tip_by = tip_by
     if spacing is not None:
-        inst.length_mm = polyline_length_mm(line, spacing)
+        inst.length_mm = polyline_length_mm(simplify(line, 1.0), spacing)
     else:
         inst.absent["length_mm"] = "no pixel spacing"
