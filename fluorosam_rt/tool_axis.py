@@ -57,6 +57,8 @@ class ToolFit:
     ends: tuple[End, End]
     length_px: float
     width_px: float
+    flexible: bool = False
+    mask_pixel: int = 1  # the downsampling factor: one mask pixel in source pixels
 
 
 def _fit_direction(pts: np.ndarray, fallback: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -87,7 +89,7 @@ def fit_tool(part: Part, downsample: int, flexible: bool, min_elongation: float 
     v = np.array([-u[1], u[0]])
     rel = P - part.center
     t, s = rel @ u, rel @ v
-    b = max(1.0, 2.0 / d)  # slice width, mask pixels (~2 source pixels)
+    b = 2.0  # slice width, mask pixels
     tmin = float(t.min())
     idx = ((t - tmin) / b).astype(np.int64)
     order = np.argsort(idx, kind="stable")
@@ -134,10 +136,21 @@ def fit_tool(part: Part, downsample: int, flexible: bool, min_elongation: float 
             )
         )
     line = np.vstack([ends[0].point, to_source(core, d), ends[1].point])
-    # Length along the line simplified to 1 px: the slice midpoints wobble by a fraction of a
-    # pixel, and summing that wobble would lengthen a straight wire by ~1 %.
-    length = float(np.sum(np.hypot(*np.diff(simplify(line, 1.0), axis=0).T)))
-    return ToolFit(centre=line, ends=(ends[0], ends[1]), length_px=length, width_px=w_med * d)
+    # A rigid tool is straight: its length is the distance between its ends. A flexible one's is
+    # measured along its centre line simplified to one mask pixel, because the slice midpoints
+    # wobble by a fraction of a pixel and summing that wobble would lengthen the line.
+    if flexible:
+        length = float(np.sum(np.hypot(*np.diff(simplify(line, float(d)), axis=0).T)))
+    else:
+        length = float(np.linalg.norm(ends[1].point - ends[0].point))
+    return ToolFit(
+        centre=line,
+        ends=(ends[0], ends[1]),
+        length_px=length,
+        width_px=w_med * d,
+        flexible=flexible,
+        mask_pixel=d,
+    )
 
 
 def simplify(line: np.ndarray, tolerance_px: float) -> np.ndarray:
@@ -188,7 +201,8 @@ def apply_tool(
     else:  # tip first, the axis pointing out through the tip
         line = fit.centre if tip_end == 0 else fit.centre[::-1]
         direction = fit.ends[tip_end].direction
-    inst.polyline = simplify(line, tolerance_px)
+    d = fit.mask_pixel
+    inst.polyline = simplify(line, max(tolerance_px, d))
     inst.axis = (float(direction[0]), float(direction[1]))
     inst.length_px = fit.length_px
     inst.width_px = fit.width_px
@@ -200,6 +214,8 @@ def apply_tool(
         inst.tip = (float(p[0]), float(p[1]))
         inst.tip_by = tip_by
     if spacing is not None:
-        inst.length_mm = polyline_length_mm(simplify(line, 1.0), spacing)
+        inst.length_mm = polyline_length_mm(
+            simplify(line, float(d)) if fit.flexible else line[[0, -1]], spacing
+        )
     else:
         inst.absent["length_mm"] = "no pixel spacing"

@@ -153,3 +153,140 @@ def test_bridge_works_with_torch_unimportable():
     root = BRIDGE.parent
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+# --------------------------------------------------------------------------- version 2: geometry
+
+
+def _geometry_message(d: int = 1) -> MaskMessage:
+    """A real geometry stage's output for a lung-like blob with a hole and a K-wire."""
+    import math
+    from types import SimpleNamespace as NS
+
+    import cv2
+
+    from fluorosam_rt.geometry_stage import GeometryOptions, GeometryStage, frame_spacing
+    from fluorosam_rt.linear_tools import default_linear_tools
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from synth_wires import wire_mask
+
+    src = (400, 500)
+    lung = np.zeros(src, np.uint8)
+    cv2.ellipse(lung, (150, 200), (90, 150), 0, 0, 360, 1, -1)
+    cv2.circle(lung, (150, 200), 20, 0, -1)
+    wire = wire_mask((380.0, 350.0), math.radians(60), 450, 7, src)  # leaves the top edge
+    masks = [
+        cv2.resize(m, (math.ceil(500 / d), math.ceil(400 / d)), interpolation=cv2.INTER_NEAREST)
+        for m in (lung, wire)
+    ]
+    prompts = [NS(id="left lung", text="left lung"), NS(id="K-wire", text="K-wire")]
+    meta = {
+        "ImagerPixelSpacing": [0.3, 0.3],
+        "DistanceSourceToDetector": 1200.0,
+        "DistanceSourceToPatient": 800.0,
+    }
+    stage = GeometryStage(GeometryOptions(), default_linear_tools())
+    scene = stage.begin_frame(np.zeros(src, np.uint16), meta)
+    geoms = stage.process(prompts, masks, [True, True], d, src, meta)
+    return MaskMessage(
+        stream="carm0",
+        frame_id=3,
+        seq=0,
+        timestamps_ns={"received": 1, "published": 2},
+        source={},
+        geometry=meta,
+        source_shape=src,
+        downsample=d,
+        encoding="bits",
+        prompts=[PromptResult(p.id, p.text, 0.9, True, m, g) for p, m, g in zip(prompts, masks, geoms)],
+        spacing=frame_spacing(meta),
+        scene=scene,
+    )
+
+
+@pytest.mark.parametrize("d", [1, 2])
+def test_v2_round_trip_carries_typed_geometry(d):
+    import math
+
+    msg = _geometry_message(d)
+    back = decode_message([bytes(f) for f in encode_message(msg)])
+    assert back.version == 2
+    assert back.planes
+    assert back.spacing == msg.spacing
+    assert back.spacing.basis == "ImagerPixelSpacing@isocenter"
+    assert back.scene.cut == "start"
+    lung, wire = (p.geometry for p in back.prompts)
+    assert lung.to_wire() == msg.prompts[0].geometry.to_wire()
+    assert len(lung.outline(lung.instances[0])) == 2  # outline and the hole
+    assert lung.area_mm2 == pytest.approx(lung.area_px * 0.04, rel=1e-3)
+    tip = wire.instances[0]
+    assert isinstance(tip.polyline, np.ndarray)
+    assert tip.polyline.shape[1] == 2
+    assert np.hypot(tip.tip[0] - 380, tip.tip[1] - 350) <= 3 * d
+    assert wire.tips == [tip.tip]
+    assert tip.tip_by == "border"
+    assert tip.length_mm == pytest.approx(350.5 / math.sin(math.radians(60)) * 0.2, rel=0.02)
+    np.testing.assert_array_equal(back.prompts[0].mask, msg.prompts[0].mask)
+
+
+def test_geometry_only_messages_have_no_planes_and_are_small():
+    msg = _geometry_message()
+    full = [bytes(f) for f in encode_message(msg)]
+    geo = [bytes(f) for f in encode_message(msg, planes=False)]
+    assert len(geo) == 2
+    back = decode_message(geo)
+    assert not back.planes
+    assert all(p.mask is None for p in back.prompts)
+    assert [p.geometry.to_wire() for p in back.prompts] == [p.geometry.to_wire() for p in msg.prompts]
+    assert sum(map(len, geo)) < sum(map(len, full)) / 5
+    with pytest.raises(ProtocolError, match="geometry-only"):
+        encode_message(msg, planes=False, version=1)
+
+
+def test_a_v1_subscriber_keeps_working():
+    """The frozen version-1 decoder reads what a node writes for v1 endpoints, refuses v2 with its
+    typed error, and this decoder still reads version-1 messages (old recordings, old nodes)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import protocol_v1
+
+    msg = _geometry_message()
+    v1 = [bytes(f) for f in encode_message(msg, version=1)]
+    old = protocol_v1.decode_message(v1)
+    assert old.version == 1
+    for a, b in zip(msg.prompts, old.prompts):
+        assert (a.id, a.score, a.present) == (b.id, b.score, b.present)
+        np.testing.assert_array_equal(a.mask, b.mask)
+    header = msgpack.unpackb(v1[1])
+    assert header["v"] == 1
+    assert "contours" not in header["prompts"][0]
+    assert "planes" not in header["mask"]
+    with pytest.raises(protocol_v1.ProtocolVersionError, match="version 2"):
+        protocol_v1.decode_message([bytes(f) for f in encode_message(msg)])
+    new = decode_message(v1)
+    assert new.version == 1
+    assert new.prompts[0].geometry is None
+    assert new.spacing is None
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda h: h["prompts"][1]["instances"][0].update(tip=[1.0, float("nan")]), "not finite"),
+        (lambda h: h["prompts"][1]["instances"][0].update(axis=[1.0, 1.0]), "unit vector"),
+        (lambda h: h["prompts"][1]["instances"][0].update(contour=7), "not in contours"),
+        (lambda h: h["prompts"][0].update(contours=[[[[1, 2], [3]]]]), "points"),
+        (lambda h: h["prompts"][0].update(bbox=[0, 0, 0, 5]), "extent"),
+        (lambda h: h["prompts"][0].update(absent={"x": 1}), "reason"),
+        (lambda h: h.update(spacing={"row_mm": -1, "col_mm": 1, "basis": "PixelSpacing"}), "positive"),
+        (lambda h: h.update(scene={"id": 1, "cut": "earthquake"}), "scene cut"),
+        (lambda h: h["mask"].update(planes="no"), "planes"),
+    ],
+)
+def test_malformed_geometry_is_a_protocol_error(edit, match):
+    frames = [bytes(f) for f in encode_message(_geometry_message())]
+    header = msgpack.unpackb(frames[1])
+    edit(header)
+    frames[1] = msgpack.packb(header)
+    with pytest.raises(ProtocolError, match=match):
+        decode_message(frames)
