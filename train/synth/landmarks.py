@@ -116,20 +116,42 @@ class Anatomy:
 
     # ------------------------------------------------------------------------------------------- bones
     def axis(self, name: str, toward: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, float]:
-        """(centre, unit long axis, half length) of a bone; the axis points at ``toward`` when given."""
+        """(centre, unit long axis, half length) of a bone; the axis points at ``toward`` when given.
+
+        The axis is the points' first principal axis when the bone is elongated (variance 6x the next,
+        about 2x longer than wide); a stub cut by the scan (the proximal humerus of a chest CT, a femoral
+        head and neck) is not, and then the body's long axis stands in, along which a limb at rest runs.
+        For an elongated bone the axis is refined on its middle half, so a femur's is its shaft's, not
+        tilted toward the head.
+        """
         key = ("axis", name)
         if key not in self._memo:
             pts = self.points(name)
             if len(pts) < 10:
                 raise ValueError(f"body {self.vol.name!r} has no {name!r} to take an axis from")
-            c, _, ev = pca(pts)
-            u = (pts - c) @ ev[0]
+            c, var, ev = pca(pts)
+            elongated = bool(var[0] >= 6.0 * var[1])
+            a = ev[0] if elongated else SUPERIOR.copy()
+            if elongated:  # the shaft's own axis: the middle half, without head or condyles
+                u = (pts - c) @ a
+                mid = pts[np.abs(u - np.median(u)) < 0.25 * np.ptp(u)]
+                if len(mid) >= 20:
+                    _, mvar, mev = pca(mid)
+                    if mvar[0] >= 8.0 * mvar[1]:  # a clean shaft (a cut stub's middle is not)
+                        a = mev[0] if mev[0] @ a >= 0 else -mev[0]
+            u = (pts - c) @ a
             lo, hi = np.quantile(u, [0.005, 0.995])
-            self._memo[key] = (c + ev[0] * (lo + hi) / 2, ev[0], float(hi - lo) / 2)
+            self._memo[key] = (c + a * (lo + hi) / 2, a, float(hi - lo) / 2)
+            self._memo[("stub", name)] = not elongated
         c, a, half = self._memo[key]  # type: ignore[misc]
         if toward is not None and (np.asarray(toward) - c) @ a < 0:
             a = -a
         return c, a, half
+
+    def is_stub(self, name: str) -> bool:
+        """Whether a bone is too short in this scan to take its axis from (see ``axis``)."""
+        self.axis(name)
+        return bool(self._memo[("stub", name)])
 
     def bone_end(self, name: str, toward: np.ndarray, frac: float = 0.15) -> np.ndarray:
         """Points of a long bone within ``frac`` of its length from the end nearer ``toward``."""
@@ -169,10 +191,12 @@ class Anatomy:
                 ca = np.all((pa > pb.min(0) - tol_mm) & (pa < pb.max(0) + tol_mm), axis=1)
                 cb = np.all((pb > pa.min(0) - tol_mm) & (pb < pa.max(0) + tol_mm), axis=1)
                 near = np.zeros((0, 3))
+                self._memo[("gap", a, b)] = np.inf
                 if ca.any() and cb.any():
                     sa, sb = pa[ca], pb[cb]
                     da, db = _nearest_dist(sa, sb), _nearest_dist(sb, sa)
                     near = np.concatenate([sa[da <= tol_mm], sb[db <= tol_mm]])
+                    self._memo[("gap", a, b)] = float(da.min())
                 if len(near) >= 4:
                     self._memo[key] = near.mean(0)
                 else:  # never that close: the midpoint of the two centroids' nearest points
@@ -181,6 +205,11 @@ class Anatomy:
                     self._memo[key] = (pa[ia] + pb[ib]) / 2
         out = self._memo[key]
         return None if out is None else np.asarray(out)
+
+    def gap(self, a: str, b: str) -> float:
+        """Closest distance (mm) between two bones' sample points (inf when they are far apart)."""
+        self.joint(a, b)
+        return float(self._memo.get(("gap", a, b), np.inf))  # type: ignore[arg-type]
 
     # ---------------------------------------------------------------------------------- hip and femur
     def femoral_head(self, side: str) -> tuple[np.ndarray, float] | None:
@@ -191,24 +220,20 @@ class Anatomy:
         return self._memo[key]  # type: ignore[return-value]
 
     def _femoral_head(self, side: str) -> tuple[np.ndarray, float] | None:
-        femur = f"femur_{side}"
-        if not self.has(femur):
+        """The ball of femur points at the acetabulum; None without a hip bone to hold it (a femur cut
+        above its neck, or a scan without the pelvis, has no head to find)."""
+        femur, hip = f"femur_{side}", f"hip_{side}"
+        if not (self.has(femur) and self.has(hip)):
             return None
         pts = self.points(femur)
-        top = self.centroid(f"hip_{side}", "sacrum")
-        if top is None:
-            top = self.axis(femur)[0] + SUPERIOR * 100.0
-        c, a, _ = self.axis(femur, top)
-        medial = -side_sign(side) * RIGHT
-        end = self.bone_end(femur, top, frac=0.14)
-        # The head is the proximal end's medial part (the greater trochanter is the lateral one).
-        m = (end - c) @ orthogonal(medial, a)
-        head = end[m >= np.quantile(m, 0.6)]
-        centre = head.mean(0)
-        for _ in range(3):  # refine: the ball of points within ~25 mm of its own centre
+        contact = self.joint(femur, hip)
+        if contact is None or self.gap(femur, hip) > 8.0:
+            return None
+        centre, ball = contact, pts[:0]
+        for _ in range(4):  # the ball of points within ~25 mm of its own centre
             ball = pts[np.linalg.norm(pts - centre, axis=1) < 25.0]
             if len(ball) < 10:
-                break
+                return None
             centre = ball.mean(0)
         r = float(np.clip(np.quantile(np.linalg.norm(ball - centre, axis=1), 0.9), 15.0, 30.0))
         return centre, r
@@ -231,10 +256,15 @@ class Anatomy:
             c, a, _ = self.axis(femur, head)
             foot = c + ((head - c) @ a) * a
             offset = head - foot
-            m = unit(offset)
+            if self.is_stub(femur) or np.linalg.norm(offset) < 30.0:
+                # Too little shaft in the scan to measure: a typical offset of 42 mm, 12° anteverted.
+                m = orthogonal(-side_sign(side) * RIGHT + ANTERIOR * np.tan(np.deg2rad(12.0)), a)
+                offset = m * 42.0
+            else:
+                m = unit(offset)
             ang = np.deg2rad(130.0 - 90.0)
             n = unit(np.cos(ang) * m + np.sin(ang) * a)  # 40° above the perpendicular = 130° neck-shaft
-            r_shaft = self.shaft_radius(femur)
+            r_shaft = 14.0 if self.is_stub(femur) else self.shaft_radius(femur)
             t_lat = (float(np.linalg.norm(offset)) + r_shaft) / float(n @ m)
             out = {
                 "head": head,

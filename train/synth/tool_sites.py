@@ -1003,22 +1003,24 @@ def site_rib_plate(rng: np.random.Generator, anat: Anatomy, side: str | None) ->
     )
 
 
-def _generic_kwire(bones: tuple[str, ...]) -> Site:
-    """A K-wire with its tip in one of these bones, aimed from a random direction (temporary fixation)."""
-
-    def site(rng: np.random.Generator, anat: Anatomy, side: str | None) -> list[Tool]:
-        have = [b for b in bones if anat.has(b)]
-        if side:
-            have = [b for b in have if not b.endswith(("_left", "_right")) or b.endswith(side)]
-        if not have:
-            return []
-        b = str(rng.choice(have))
-        pts = anat.points(b)
-        tip = pts[rng.integers(len(pts))]
-        d = unit(rng.normal(size=3))
-        return [kwire(rng, tip, d, exit_distance(pts, tip, d) + rng.uniform(40.0, 150.0), "bone", b)]
-
-    return site
+def site_cervical_pins(rng: np.random.Generator, anat: Anatomy, side: str | None) -> list[Tool]:
+    """Distraction pins (K-wire-like, 2-2.5 mm) driven into two adjacent vertebral bodies from the front,
+    as for an anterior cervical discectomy, standing 40-70 mm out of the neck."""
+    present = [n for n in _CERVICAL if anat.vertebra(n) is not None]
+    if len(present) < 2:
+        return []
+    i = int(rng.integers(0, len(present) - 1))
+    tools = []
+    for name in present[i : i + 2]:
+        v = anat.vertebra(name)
+        assert v is not None
+        front = v["centre"] + v["anterior"] * float(v["depth"]) / 2  # type: ignore[operator]
+        out = unit(v["anterior"] + v["superior"] * rng.normal(0.0, 0.1) + v["right"] * rng.normal(0.0, 0.1))
+        depth = float(v["depth"]) * rng.uniform(0.5, 0.75)  # type: ignore[arg-type]
+        tip = front - out * depth
+        tools.append(kwire(rng, tip, out, depth + rng.uniform(40.0, 70.0), "cervical_body", name,
+                           r=rng.uniform(1.0, 1.25), p_bent=0.0))  # fmt: skip
+    return tools
 
 
 # region part -> [(weight, maker(rng, anat, side))]
@@ -1052,7 +1054,7 @@ REGION_SITES: dict[str, list[tuple[float, Site]]] = {
     ],
     "cervical_spine": [
         (2.0, site_cervical_plate),
-        (0.7, _generic_kwire(_CERVICAL)),
+        (0.7, site_cervical_pins),
         (0.7, lambda r, a, s: site_endovascular(r, a, "cervical_spine")),
     ],
     "shoulder": [
