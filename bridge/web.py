@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import zmq
 from aiohttp import WSMsgType, web
 
 from .aio import AsyncSubscriber
@@ -250,10 +251,11 @@ async def follow_stream(hub: Hub, sub: AsyncSubscriber, stop: asyncio.Event) -> 
             msg = await sub.receive(timeout=0.5)
         except SubscriberTimeout:
             continue
-        except ProtocolError as exc:  # a message we cannot read: count it, keep the stream
+        except (ProtocolError, zmq.ZMQError) as exc:  # count it, keep following the stream
             hub.bad_messages += 1
             hub.last_error = str(exc)
-            log.warning("unreadable message: %s", exc)
+            log.warning("message not taken: %s", exc)
+            await asyncio.sleep(0.05)
             continue
         hub.take(msg)
 
@@ -293,6 +295,9 @@ async def status_loop(
                 control_state = "ok"
             except (ControlTimeout, ValueError) as exc:
                 control_state = f"no answer: {exc}"
+            except Exception as exc:  # the figures must keep coming whatever the control socket does
+                log.exception("status request failed")
+                control_state = f"error: {exc}"
         gaps = sub.gaps
         hub.set_status(
             {
@@ -369,6 +374,8 @@ class Viewer:
                 status_loop(self.hub, self.sub, self.control, self.stop, self.poke), name="web-status"
             ),
         ]
+        for t in self._tasks:
+            t.add_done_callback(_report_death)
 
     async def _close_tabs(self, _app: web.Application) -> None:
         for tab in list(self.hub.tabs):
@@ -484,6 +491,11 @@ class Viewer:
                     self.poke.set()  # refresh the prompt list from the node now
         tab.outbox.append(json.dumps({"type": "reply", "id": rid, "request": req, "reply": reply}))
         tab.wake.set()
+
+
+def _report_death(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s stopped: %r", task.get_name(), task.exception(), exc_info=task.exception())
 
 
 def page_url(opts: WebOptions, port: int | None = None, with_token: bool = True) -> str:

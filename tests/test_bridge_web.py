@@ -402,6 +402,51 @@ def test_a_tab_that_does_not_draw_gets_nothing_more_then_the_newest_frame(tmp_pa
     assert len(after) == 1 and after[0]["frame_id"] >= before_ack  # the newest, not a stale one
 
 
+class LateControl:
+    """A control socket that comes up late and answers status/stats, as a node still loading."""
+
+    def __init__(self, endpoint: str, delay_s: float) -> None:
+        self.endpoint, self.delay_s = endpoint, delay_s
+        self.answered = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        time.sleep(self.delay_s)
+        ctx = zmq.Context()
+        s = ctx.socket(zmq.REP)
+        s.bind(self.endpoint)
+        while not self._stop.is_set():
+            if s.poll(50):
+                cmd = json.loads(s.recv())["cmd"]
+                s.send(json.dumps({"ok": True, cmd: {"fps": 9.0, "dropped": {"superseded": 3}}}).encode())
+                self.answered += 1
+        s.close(linger=0)
+        ctx.term()
+
+    def __enter__(self) -> LateControl:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def test_viewer_started_before_the_node_picks_it_up(tmp_path):
+    """demo.sh starts the viewer first: its first control request waits in the queue, the reply
+    comes after the viewer gave up on it, and neither that nor the late stream may wedge it."""
+    masks, control = f"ipc://{tmp_path}/masks", f"ipc://{tmp_path}/control"
+    opts = WebOptions(connect=[masks], control=control, port=0, control_timeout_s=0.3, control_period_s=0.2)
+    with LateControl(control, delay_s=1.0) as ctl, running_viewer(opts) as v:
+        wait_for(lambda: v.hub.status.get("control", "").startswith("no answer"), 10, "a timed-out request")
+        with FakePublisher(masks, rate_hz=20):
+            wait_for(lambda: v.hub.received > 5, 20, "frames from the late publisher")
+            wait_for(lambda: v.hub.status.get("control") == "ok", 20, "control answering")
+            assert v.hub.status["node"]["dropped"] == {"superseded": 3}
+            assert ctl.answered >= 2
+
+
 def test_curve_keys_towards_the_node(tmp_path):
     from bridge.curve import load_curve_client
 
