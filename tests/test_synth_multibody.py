@@ -128,6 +128,7 @@ def test_bodies_all_excludes_heldout_and_records_body_region_view(bodies: Path, 
     assert len(used) == 2  # 6 cases, equal weights: both drawn with this seed
     for c in cases:
         assert not c["heldout_body"]
+        assert len(c["variation"]["scale"]) == 3  # each case one patient: its variation recorded
         for img in c["images"]:
             region = img["region"]
             assert region in (
@@ -144,14 +145,18 @@ def test_bodies_all_excludes_heldout_and_records_body_region_view(bodies: Path, 
     assert len(list((bodies / ".prepared").glob("tiny_*.npz"))) == 2
     assert not (out / ".cache").exists()
     held = tmp_path / "held"
-    assert main(_args(held, "--bodies", "heldout", n=2)) == 0
+    assert main(_args(held, "--bodies", "heldout", "--variation", "0", n=2)) == 0
+    assert all(c["variation"] is None for c in _cases(held))
     assert {c["body"] for c in _cases(held)} == {"tiny_heldout"}
     assert all(c["heldout_body"] for c in _cases(held))
 
 
 def test_regions_restrict_views_and_skip_bodies(bodies: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "pelvis"
-    assert main(_args(out, "--body", "tiny_chest", "--body", "tiny_pelvis", "--regions", "pelvis", n=4)) == 0
+    args = _args(
+        out, "--body", "tiny_chest", "--body", "tiny_pelvis", "--regions", "pelvis", "--variation", "0", n=4
+    )
+    assert main(args) == 0
     err = capsys.readouterr().err
     assert "skipping body 'tiny_chest'" in err
     cases = _cases(out)
@@ -229,7 +234,7 @@ def test_error_mid_run_leaves_nothing_and_keeps_an_earlier_set(
     import train.synth.generate as gen
 
     out = tmp_path / "set"
-    assert main(_args(out, "--body", "tiny_pelvis", n=2)) == 0
+    assert main(_args(out, "--body", "tiny_pelvis", "--variation", "0", n=2)) == 0
     before = _files(out)
     real = gen.Worker.render_case
     calls = []
@@ -243,7 +248,11 @@ def test_error_mid_run_leaves_nothing_and_keeps_an_earlier_set(
     monkeypatch.setattr(gen.Worker, "render_case", failing)
     with pytest.raises(RuntimeError, match="disk on fire"):
         gen.generate(
-            gen.SynthConfig(bodies=["tiny_pelvis"], n=4, size=32, images_per_case=1, out=str(out)), False, 0
+            gen.SynthConfig(
+                bodies=["tiny_pelvis"], n=4, size=32, images_per_case=1, variation=0, out=str(out)
+            ),
+            False,
+            0,
         )
     assert calls == [0, 1]
     assert _files(out) == before  # the earlier set, untouched
@@ -251,7 +260,12 @@ def test_error_mid_run_leaves_nothing_and_keeps_an_earlier_set(
     with pytest.raises(RuntimeError):
         gen.generate(
             gen.SynthConfig(
-                bodies=["tiny_pelvis"], n=4, size=32, images_per_case=1, out=str(tmp_path / "new")
+                bodies=["tiny_pelvis"],
+                n=4,
+                size=32,
+                images_per_case=1,
+                variation=0,
+                out=str(tmp_path / "new"),
             ),
             False,
             0,
@@ -266,7 +280,9 @@ def test_lazy_bodies_ordered_by_body_and_cached_on_disk(bodies: Path, tmp_path: 
     import train.synth.body_pool as pool
     from train.synth.generate import SynthConfig, generate
 
-    cfg = SynthConfig(bodies=["tiny_chest", "tiny_pelvis"], n=8, size=32, images_per_case=1, seed=2)
+    cfg = SynthConfig(
+        bodies=["tiny_chest", "tiny_pelvis"], n=6, size=32, images_per_case=1, seed=2, variation=0
+    )
     cfg.out, cfg.max_bodies_per_worker = str(tmp_path / "a"), 1
     doc = generate(cfg, progress=False, contact_sheet=0)
     assert set(doc["cases_per_body"]) == {"tiny_chest", "tiny_pelvis"}
@@ -289,7 +305,7 @@ def test_lazy_bodies_ordered_by_body_and_cached_on_disk(bodies: Path, tmp_path: 
 
 def test_val_fraction_one_finishes_with_contact_sheets(bodies: Path, tmp_path: Path) -> None:
     out = tmp_path / "v"
-    args = _args(out, "--body", "tiny_chest", "--val-fraction", "1.0", n=2)
+    args = _args(out, "--body", "tiny_chest", "--val-fraction", "1.0", "--variation", "0", n=2)
     args[args.index("--contact-sheet") + 1] = "2"
     assert main(args) == 0
     assert (out / "train.txt").read_text() == ""
@@ -391,3 +407,25 @@ def test_worker_count_does_not_change_the_set(bodies: Path, tmp_path: Path) -> N
             )
         else:
             assert a[k] == b[k], k
+
+
+def test_synth_bench_generator_reports_speed_and_memory(bodies: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    args = ["synth-bench", "--generator", "--body", "tiny_pelvis", "--n", "2", "--images-per-case", "1"]
+    assert main([*args, "--workers", "1", "--size", "32", "--variation", "0", "--json", str(out)]) == 0
+    row = json.loads(out.read_text())["generator"]
+    assert row["n_images"] == 2
+    assert row["images_per_second"] > 0
+    assert 0 < row["worker_peak_rss_mb"] < 4096
+    assert row["bodies"] == {"tiny_pelvis": ["pelvis", "hip_left", "hip_right"]}
+
+
+def test_prepare_only_fills_the_shared_cache(bodies: Path, tmp_path: Path, capsys) -> None:
+    assert main(["synth", "--bodies", "all", "--prepare-only"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split(":")[0] for ln in lines] == ["tiny_chest", "tiny_pelvis"]
+    assert sorted(p.name.split("-")[0] for p in (bodies / ".prepared").glob("*.npz")) == [
+        "tiny_chest",
+        "tiny_pelvis",
+    ]
+    assert main(["synth", "--bodies", "all", "--n", "2"]) == 2  # a real run still wants --out

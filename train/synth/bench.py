@@ -162,6 +162,7 @@ def generator_main(cfg: Any, json_path: str | None = None) -> int:
         "images_per_region": doc["images_per_region"],
         "seconds_render": doc["seconds_render"],
         "images_per_second": doc["images_per_second"],
+        "images_per_second_steady": doc["images_per_second_steady"],
         "worker_peak_rss_mb": doc["worker_peak_rss_mb"],
         "body_loads": doc["body_loads"],
         "variation": cfg.variation,
@@ -170,7 +171,8 @@ def generator_main(cfg: Any, json_path: str | None = None) -> int:
     print(json.dumps(row))
     load = f"load before {before['load_average_1_5_15']}, after {after['load_average_1_5_15']}"
     print(
-        f"{row['images_per_second']:.2f} images/s at {cfg.size}² with {row['masks']} masks, "
+        f"{row['images_per_second']:.2f} images/s at {cfg.size}² with {row['masks']} masks "
+        f"({row['images_per_second_steady'] or float('nan'):.2f} once started), "
         f"{row['workers']} workers, peak RSS per worker {row['worker_peak_rss_mb']:.0f} MB ({load})"
     )
     if json_path:

@@ -75,8 +75,7 @@ def load_or_prepare(
 
 
 class BodyPool(Generic[T]):
-    """A worker's prepared bodies (volumes, or renderers holding them), least recently used dropped beyond
-    ``max_bodies``."""
+    """A worker's prepared bodies, least recently used dropped beyond ``max_bodies``."""
 
     def __init__(self, max_bodies: int = 2):
         self.max_bodies = max(1, max_bodies)

@@ -42,6 +42,7 @@ from train.synth.physics import (
 from train.synth.projector import RayTool
 from train.synth.regions import REGIONS, regions_of
 from train.synth.tools import sample_tools
+from train.synth.variation import apply_variation, sample_variation
 from train.synth.views import sample_view
 from train.synth.vocabulary import Vocabulary
 from train.synth.volume import PreparedVolume
@@ -216,7 +217,8 @@ class Worker:
         self.vocab, self.specs = resolved or resolve_user_tools(Vocabulary.load(), list(s.stl))
         self.meshes = [read_stl(p.path) for p in self.specs]
         self.keep_ids = set(s.keep) if s.keep is not None else None
-        self.pool: BodyPool[Renderer] = BodyPool(s.max_bodies)
+        self.pool: BodyPool[PreparedVolume] = BodyPool(s.max_bodies)
+        self._current: tuple[str, Renderer] | None = None
 
     def renderer(self, vol: PreparedVolume) -> Renderer:
         s = self.s
@@ -241,10 +243,19 @@ class Worker:
         return load_or_prepare(Path(ref.prepared), read, s.density_spacing_mm, s.label_spacing_mm)
 
     def body(self, ref: BodyRef) -> tuple[Renderer, tuple[str, ...]]:
-        """The renderer of the body as built (its projector's slice stacks are kept with it), and the regions
-        of ``ref`` its labels really have (a structures.csv may name a structure the label map lacks)."""
-        r = self.pool.get(ref.name, lambda: self.renderer(self._load(ref)))
-        names = {self.vocab.by_id[i].name for i in r.vol.present_ids if i in self.vocab.by_id}
+        """The renderer of the body as built, and the regions of ``ref`` its labels really have (a
+        structures.csv may name a structure the label map lacks).
+
+        The pool keeps up to ``max_bodies`` prepared volumes; only the current body has a renderer, whose
+        projector holds per-axis copies of the volume (slice stacks), so memory stays bounded by a few
+        volumes of the largest bodies however many the run has.
+        """
+        vol = self.pool.get(ref.name, lambda: self._load(ref))
+        if self._current is None or self._current[0] != ref.name:
+            self._current = None  # drop the previous body's slice stacks before building new ones
+            self._current = (ref.name, self.renderer(vol))
+        r = self._current[1]
+        names = {self.vocab.by_id[i].name for i in vol.present_ids if i in self.vocab.by_id}
         have = set(regions_of(names))
         regions = tuple(g for g in ref.regions if g in have)
         if ref.regions and not regions:
@@ -262,7 +273,12 @@ class Worker:
         loads = self.pool.loads
         r, regions_here = self.body(ref)
         variation = None
-        # (per-case variation: train/synth/variation.py, wired when it lands)
+        if s.variation > 0:  # one patient from the body: its own renderer over the varied volume
+            params = sample_variation(
+                np.random.default_rng([s.seed, case, VARIATION_STREAM]), r.vol, s.variation
+            )
+            r = self.renderer(apply_variation(r.vol, params))
+            variation = params.to_json()
         user_tools = r.user_tools(s.seed, case)
         case_tools: list[dict[str, Any]] = [{**t.to_json(), "region": None} for t in user_tools]
         region_tools: dict[str | None, tuple[list[RayTool], list[int]]] = {}
@@ -350,6 +366,20 @@ def _init_worker(settings: WorkerSettings, resolved: tuple[Vocabulary, list[STLS
 
 def _run_job(job: tuple[int, int, int]) -> dict[str, Any]:
     return _WORKER["w"].render_case(*job)
+
+
+def steady_rate(results: list[dict[str, Any]]) -> float | None:
+    """Images/s once started: each worker's rate without its first case (process start-up, first body
+    load, first spectra), summed over the workers that ran in parallel; None without a second case."""
+    by_pid: dict[int, list[dict[str, Any]]] = {}
+    for r in results:  # in completion order, so each worker's first result is its first case
+        by_pid.setdefault(r["pid"], []).append(r)
+    rates = [
+        sum(r["n"] for r in rs[1:]) / sum(r["seconds"] for r in rs[1:])
+        for rs in by_pid.values()
+        if len(rs) > 1
+    ]
+    return round(sum(rates), 3) if rates else None
 
 
 def usable_cpus() -> int:
@@ -554,6 +584,7 @@ def generate(cfg: SynthConfig, progress: bool = True, contact_sheet: int = 8) ->
             "seconds_prepare": round(t_prep, 2),
             "seconds_render": round(t_render, 2),
             "images_per_second": round(n_images / max(t_render, 1e-9), 3),
+            "images_per_second_steady": steady_rate(results),
             "workers": workers,
             "body_loads": sum(r["body_loaded"] for r in results),  # bodies (re)loaded by the workers
             "worker_peak_rss_mb": round(max((r["rss_peak_mb"] for r in results), default=0.0), 1),
