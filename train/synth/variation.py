@@ -998,8 +998,10 @@ def _tissue_factors(mat: torch.Tensor, params: VariationParams) -> None:
         cort = _smoothstep(b, 1.35, 1.75)
         bone[idx] = b * (1.0 + (params.bone_factor - 1.0) * (1.0 - (1.0 - params.cortical_share) * cort))
     if params.fat_factor != 1.0 or params.lean_factor != 1.0:
-        lean = _smoothstep(soft, 0.95, 1.02)
-        soft.mul_(params.fat_factor + (params.lean_factor - params.fat_factor) * lean)
+        t = soft.sub(0.95).div_(0.07).clamp_(0, 1)  # smoothstep 0.95 -> 1.02 in place (a full-volume pass)
+        t2 = t * t
+        t.mul_(-2.0).add_(3.0).mul_(t2)
+        soft.mul_(t.mul_(params.lean_factor - params.fat_factor).add_(params.fat_factor))
     if params.air_factor != 1.0:
         air.mul_(params.air_factor)
 
@@ -1031,14 +1033,15 @@ def apply_variation(vol: PreparedVolume, params: VariationParams) -> PreparedVol
         for i0, i1, box, g, extra in _pull_rows(mgrid, smap, sd, occ):
             if smap.disp is not None:
                 mats[:, i0:i1] = fill
-            if g is None:
-                continue
-            part = mats[:, i0:i1, box[0] : box[1], box[2] : box[3]]
-            if smap.disp is not None:
-                part.copy_(F.grid_sample(mats_in[None], g, mode="bilinear", align_corners=True)[0])
-            if extra is not None:
-                _habitus(part, extra[..., 0], extra[..., 1], h, delta)
-    _tissue_factors(mats, params)
+            if g is not None:
+                part = mats[:, i0:i1, box[0] : box[1], box[2] : box[3]]
+                if smap.disp is not None:
+                    part.copy_(F.grid_sample(mats_in[None], g, mode="bilinear", align_corners=True)[0])
+                if extra is not None:
+                    _habitus(part, extra[..., 0], extra[..., 1], h, delta)
+            _tissue_factors(mats[:, i0:i1], params)  # chunk by chunk, while it is in cache
+    else:
+        _tissue_factors(mats, params)
     if smap.disp is None:
         bits = vol.label_bits.clone()
         anchors = {k: np.array(v, dtype=np.float64) for k, v in vol.anchors.items()}
