@@ -271,7 +271,7 @@ function onStatus(st) {
   for (const [k, n] of Object.entries(node.dropped || {})) rows.push([`node: ${k}`, n]);
   if (st.control === null) rows.push(["node", "(no --control)"]);
   else if (!rows.length && st.control === "ok") rows.push(["node", 0]);
-  rows.push(["viewer: skipped stale", v.skipped ?? 0], ["viewer: lost in transit", v.lost ?? 0]);
+  rows.push(["viewer: skipped stale", v.skipped ?? 0], ["viewer: missed (seq gaps)", v.lost ?? 0]);
   rows.push(["node latest-frame-wins (seen)", v.node_dropped ?? 0]);
   for (const [k, n] of rows) {
     const tr = el("tr");
