@@ -832,11 +832,14 @@ def site_hand(rng: np.random.Generator, anat: Anatomy, side: str | None, kind: s
                 r=rng.uniform(0.5, 0.8),
             )
         ]
-    tip = c + ax * half * rng.uniform(0.5, 0.8)  # intramedullary, from the head toward the base
+    # Intramedullary, driven from the metacarpal head toward the base: the wire leaves the head on its
+    # dorsal side (the finger is flexed out of the way) and is cut 10-30 mm above the skin.
+    tip = c + ax * half * rng.uniform(0.5, 0.8)
+    out = unit(-ax - palm * np.tan(np.deg2rad(rng.uniform(8.0, 20.0))))
+    pts = anat.points(target)
+    inside = exit_distance(pts[np.linalg.norm(np.cross(pts - c, ax), axis=1) < 8.0], tip, out)
     return [
-        kwire(
-            rng, tip, -ax, half * 2 + rng.uniform(20.0, 50.0), "metacarpal", target, r=rng.uniform(0.5, 0.8)
-        )
+        kwire(rng, tip, out, inside + rng.uniform(10.0, 30.0), "metacarpal", target, r=rng.uniform(0.5, 0.8))
     ]
 
 
