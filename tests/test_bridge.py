@@ -395,3 +395,48 @@ def test_bridge_igtl_command_relays_to_a_pyigtl_client(tmp_path, pub):
             proc.wait()
     assert proc.returncode == 0, err
     assert "relayed 20 frames" in out
+
+
+def test_relay_sends_tips_as_points_and_the_axis_as_a_transform_to_a_pyigtl_client():
+    """Tip (POINT) and axis (TRANSFORM) land where the IMAGE's own matrix puts the mask's pixels;
+    a geometry-only message sends them without any IMAGE."""
+    pyigtl = pytest.importorskip("pyigtl")
+    from bridge.igtl_relay import AXIS_PREFIX, TIP_PREFIX, IgtlRelay, device_name
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_protocol import _geometry_message
+
+    msg = _geometry_message(d=2)
+    wire = msg.prompts[1].geometry.instances[0]
+    relay = IgtlRelay(port=0)
+    client = pyigtl.OpenIGTLinkClient("127.0.0.1", relay.port)
+    try:
+        deadline = time.monotonic() + 10
+        while not relay.server.is_connected() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        relay.relay(msg)
+        point = client.wait_for_message(device_name("K-wire", TIP_PREFIX), timeout=5)
+        axis = client.wait_for_message(device_name("K-wire", AXIS_PREFIX), timeout=5)
+        image = client.wait_for_message(device_name("K-wire"), timeout=5)
+        msg.planes = False
+        for p in msg.prompts:
+            p.mask = None
+        kinds = [type(m).__name__ for m in relay.messages_for(msg)]
+        assert kinds == ["PointMessage", "TransformMessage", "StringMessage"]  # no IMAGE without planes
+    finally:
+        client.stop()
+        relay.close()
+    assert point is not None
+    assert axis is not None
+    assert image is not None
+    # the tip through the IMAGE's matrix: mask index of the tip's source pixel (x, y) is (x - 0.5) / 2
+    ijk = np.array([(wire.tip[0] - 0.5) / 2, (wire.tip[1] - 0.5) / 2, 0.0, 1.0])
+    expected = (image.ijk_to_world_matrix @ ijk)[:3]
+    np.testing.assert_allclose(np.asarray(point.positions, float).reshape(-1, 3)[0], expected, atol=1e-3)
+    assert point.names[0] == f"K-wire#{wire.id}"
+    m = np.asarray(axis.matrix)
+    np.testing.assert_allclose(m[:3, 3], expected, atol=1e-3)
+    np.testing.assert_allclose(m[:3, :3].T @ m[:3, :3], np.eye(3), atol=1e-5)  # a rotation
+    z = m[:3, 2]  # along the tool towards the tip: columns run to -R (left), rows to -S (feet)
+    want = np.array([-wire.axis[0], 0.0, -wire.axis[1]])
+    np.testing.assert_allclose(z, want / np.linalg.norm(want), atol=1e-4)

@@ -254,7 +254,7 @@ def test_c_subscriber_rejects_another_protocol_version(tmp_path):
     try:
         assert proc.stdout.readline().strip() == "ready"
         time.sleep(0.3)
-        pub.send_multipart([b"s", msgpack.packb({"v": 2, "kind": "masks", "frame_id": 1, "prompts": []})])
+        pub.send_multipart([b"s", msgpack.packb({"v": 3, "kind": "masks", "frame_id": 1, "prompts": []})])
         _, err = proc.communicate(timeout=10)
     finally:
         pub.close(0)
@@ -262,7 +262,51 @@ def test_c_subscriber_rejects_another_protocol_version(tmp_path):
             proc.kill()
             proc.wait()
     assert proc.returncode == 4
-    assert "protocol version 2" in err
+    assert "protocol version 3" in err
+
+
+def test_c_subscriber_prints_tool_tips_like_bridge_listen(tmp_path):
+    """Version 2 with geometry, then a geometry-only message: the C subscriber and
+    ``fluorosam-rt bridge listen`` print the same line, tips included."""
+    exe = _build_c_subscriber(tmp_path)
+    import zmq
+    from test_protocol import _geometry_message
+
+    from bridge.cli import listen_line
+    from bridge.protocol import encode_message
+
+    msg = _geometry_message()
+    ctx = zmq.Context.instance()
+    pub = ctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.bind(f"ipc://{tmp_path}/pub")
+    proc = subprocess.Popen(
+        [str(exe), f"ipc://{tmp_path}/pub", "", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.3)
+        pub.send_multipart(encode_message(msg))
+        msg.seq = 1
+        pub.send_multipart(encode_message(msg, planes=False))
+        out, err = proc.communicate(timeout=20)
+    finally:
+        pub.close(0)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    msg.planes = False
+    for p in msg.prompts:
+        p.mask = None
+    lines = out.splitlines()
+    assert lines == [full_line, listen_line(msg)]
+    tip = msg.prompts[1].geometry.instances[0]
+    assert f" tips 1:{tip.id}:{tip.tip[0]:.2f},{tip.tip[1]:.2f}" in lines[0]
+    assert " sums - - tips" in lines[1]
 
 
 # --------------------------------------------------------------------------- recorder -> replay
