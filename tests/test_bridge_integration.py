@@ -290,6 +290,7 @@ def test_c_subscriber_prints_tool_tips_like_bridge_listen(tmp_path):
         assert proc.stdout.readline().strip() == "ready"
         time.sleep(0.3)
         pub.send_multipart(encode_message(msg))
+        full_line = listen_line(msg)
         msg.seq = 1
         pub.send_multipart(encode_message(msg, planes=False))
         out, err = proc.communicate(timeout=20)
