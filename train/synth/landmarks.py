@@ -238,6 +238,20 @@ class Anatomy:
         r = float(np.clip(np.quantile(np.linalg.norm(ball - centre, axis=1), 0.9), 15.0, 30.0))
         return centre, r
 
+    def acetabulum(self, side: str) -> np.ndarray | None:
+        """Centre of the hip socket: the femoral head where the scan has one, else the hip bone's lower,
+        lateral part (the socket sits there, between ilium, ischium and pubis; the wing lifts the bone's
+        centroid well above it)."""
+        fh = self.femoral_head(side)
+        if fh is not None:
+            return fh[0]
+        pts = self.points(f"hip_{side}")
+        if len(pts) == 0:
+            return None
+        low = pts[pts @ SUPERIOR < np.median(pts @ SUPERIOR)]
+        lat = np.abs(low[:, 0] - self.midline_x)
+        return low[lat > np.median(lat)].mean(0)
+
     def femoral_neck(self, side: str) -> dict[str, np.ndarray | float] | None:
         """Femoral neck frame: head centre and radius, neck axis (toward the head), shaft axis (superior),
         lateral entry point on the shaft's lateral cortex, and the shaft radius.

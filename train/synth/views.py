@@ -282,9 +282,10 @@ def _side_of(region: str, spec: ViewSpec) -> str | None:
 def region_aim(anat: Anatomy, region: str, side: str | None = None) -> np.ndarray:
     """Where the region's views are centred: its joint where it has one, else its aim structures' centre.
 
-    Hips aim at the hip joint, shoulders at the glenohumeral joint, knees at the knee joint; Judet views
-    (``side`` given for the pelvis) at that side's acetabulum. Everything else at the mean centroid of the
-    region's ``aim`` structures present (falling back to its ``requires`` structures).
+    Hips aim at the hip joint (the acetabulum when the scan has no femur), shoulders at the glenohumeral
+    joint, knees at the knee joint; Judet views (``side`` given for the pelvis) at that side's acetabulum.
+    Everything else at the mean centroid of the region's ``aim`` structures present (falling back to its
+    ``requires`` structures).
     """
     reg = REGIONS[region]
     part = region.rsplit("_", 1)[0] if side else region
@@ -300,8 +301,8 @@ def region_aim(anat: Anatomy, region: str, side: str | None = None) -> np.ndarra
             return j
         if part == "knee" and anat.knee_frame(side) is not None:
             return anat.knee_frame(side)[0]  # type: ignore[index]
-        if part == "pelvis" and anat.has(f"hip_{side}"):
-            return anat.centroid(f"hip_{side}")  # type: ignore[return-value]
+        if part in ("pelvis", "hip") and anat.has(f"hip_{side}"):
+            return anat.acetabulum(side)  # type: ignore[return-value]
     c = anat.centroid(*reg.aim)
     if c is None:
         c = anat.centroid(*reg.requires)
