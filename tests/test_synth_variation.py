@@ -346,12 +346,18 @@ def test_joint_rotation_turns_the_distal_bone_by_the_drawn_angle():
     assert np.allclose(out.points[HUMERUS][k], r @ (tip - jf.centre) + jf.centre, atol=0.05)
 
 
-def test_sampled_joints_stay_in_range():
+def test_sampled_joints_stay_in_range_and_abduct():
     vol = shoulder()
+    jf = find_joints(vol)[0]
+    tip = jf.centre + jf.limb_axis * jf.lever_mm
+    mid_x = np.mean([a[0] for a in vol.anchors.values()])  # the scapula lies medial to the humerus
     angles = []
     for seed in range(12):
         p = sample_variation(np.random.default_rng(seed), vol)
-        angles += [j.angle_deg for j in p.joints if j.name == "shoulder_right"]
+        for j in p.joints:
+            angles.append(j.angle_deg)
+            r, t = j.rotation()
+            assert abs((r @ tip + t)[0] - mid_x) >= abs(tip[0] - mid_x) - 1e-6  # away from the trunk
     assert angles
     assert all(-20 <= a <= 20 for a in angles)
 

@@ -3,13 +3,12 @@
 A body is one CT; training on it alone teaches one patient's proportions, bone density and pose. For every
 case ``sample_variation`` draws, and ``apply_variation`` applies to a ``PreparedVolume``:
 
-* **joint pose**: a limb rotated at its joint (hip, knee, ankle, shoulder, elbow, wrist) where the body has
-  the joint's bones labelled and touching (``JOINTS`` says which structures define each joint);
+* **joint pose**: a limb rotated at its joint where the body allows it (below);
 * **smooth elastic deformation**: a cubic B-spline displacement field with control points every
   40-60 mm and an RMS amplitude of a few mm, its gradient capped so the map never folds;
 * **anisotropic scaling** of up to ±15 % per world axis about the volume centre;
 * **body habitus**: a thicker or thinner subcutaneous fat layer (fat added outside, or fat-density soft
-  tissue removed inside, the body surface), plus a soft-tissue density change;
+  tissue removed inside, the body surface), scaled by the body's local thickness;
 * **bone density** from osteoporotic to dense (the bone channel scaled, cancellous-density voxels more than
   cortical-density ones);
 * **per-tissue density jitter**: fat-like and lean soft tissue and the air channel (lungs) apart.
@@ -23,14 +22,31 @@ Scaling is exact and free: it only changes the two grids' affines (and maps the 
 up is never cropped. Habitus and densities change only the material channels, never where a labelled
 structure is.
 
+What a body needs for a joint to turn (``JOINTS``; L/R each; see ``find_joints``):
+
+=========  ======================  =====================  ====================================  ==========
+joint      stays (socket side)     lever (centre, axis)   turns with it                         range (°)
+=========  ======================  =====================  ====================================  ==========
+hip        hip                     femur                  femur, patella, tibia, fibula, foot   ±15 ball
+knee       femur                   tibia, fibula          patella, tibia, fibula, foot          -5..30 flex
+ankle      tibia, fibula           tarsals, metatarsals   tarsals, metatarsals, toes            ±15 hinge
+shoulder   scapula                 humerus                humerus, radius, ulna, hand           ±20 ball
+elbow      humerus                 radius, ulna           radius, ulna, hand                    -10..40 flex
+wrist      radius, ulna            carpals, metacarpals   carpals, metacarpals, phalanges       ±20
+=========  ======================  =====================  ====================================  ==========
+
+Both the socket and the lever bones must be labelled (>= 30 points each) and touch (lever voxels within
+8 mm of the socket's), the joint must lie >= 25 mm inside the volume and the lever reach >= 60 mm from it:
+a limb cut off at the joint cannot turn. Ball joints turn about the lever's head centre (the largest ball
+inscribed in it near the contact) so the head turns in its socket; joints of one limb compose.
+
 Pose as inverse skinning: every bone group (the static skeleton, and one group per distinct chain of
-rotated joints) owns the tissue around it with an inverse-square-distance weight, so a thigh's muscle and
+turned joints) owns the tissue around it with an inverse-square-distance weight, so a thigh's muscle and
 skin turn with the femur while the buttock stays with the pelvis, and the tissue between them blends
-smoothly instead of tearing. For an output point the map asks each moving group "would your rotated tissue
-be here?" (its ownership at the rotated-back position); a moving group takes precedence over the static
-skeleton where both claim a point (tissue pushed aside), and where neither does the point is filled by
-stretching the tissue in between. Ball joints rotate about the fitted head centre, so the femoral or
-humeral head turns in its socket.
+smoothly instead of tearing. For an output point each moving group claims it with its ownership at the
+rotated-back position, the static skeleton with its ownership at the point; bone beats soft tissue, a
+moving group beats static soft tissue (tissue pushed aside), and where nobody claims much the claims are
+normalised, which stretches the tissue in between.
 """
 
 from __future__ import annotations
@@ -362,9 +378,10 @@ def sample_variation(rng: np.random.Generator, vol: PreparedVolume, strength: fl
     """Draw one case's variation; ``strength`` scales every range (0: identity, 1: the ranges below).
 
     At strength 1: scale 0.85-1.15 per axis; elastic control spacing 40-60 mm, RMS 1.5-5 mm; each joint the
-    body allows turned with probability 0.7 within its ``JointSpec.angle_deg``; subcutaneous fat -6..+15 mm
-    (where the body is thick: scaled down to 20 % on thin limbs);
-    bone density x0.6-1.3; fat and lean soft tissue x0.97-1.03 each (about ±30 HU); air channel x0.8-1.25.
+    body allows turned with probability 0.7 within its ``JointSpec.angle_deg`` (ball joints away from the
+    body's midline: a hip or shoulder abducts, it does not drive the limb into the trunk); subcutaneous
+    fat -6..+15 mm (where the body is thick: scaled down to 20 % on thin limbs); bone density x0.6-1.3;
+    fat and lean soft tissue x0.97-1.03 each (about ±30 HU); air channel x0.8-1.25.
     The same number of draws is made whatever the strength, so a seed's other draws do not shift.
     """
     if not (strength >= 0 and math.isfinite(strength)):
@@ -384,6 +401,7 @@ def sample_variation(rng: np.random.Generator, vol: PreparedVolume, strength: fl
     lean = around(0.97, 1.03, float(rng.random()))
     air = around(0.8, 1.25, float(rng.random()))
     joints: list[JointPose] = []
+    mid_x = float(np.mean([a[0] for a in vol.anchors.values()])) if vol.anchors else 0.0  # the body's midline
     for jf in find_joints(vol):
         use, u, v = rng.random(), rng.random(), rng.normal(size=3)
         if use >= 0.7:
@@ -391,6 +409,11 @@ def sample_variation(rng: np.random.Generator, vol: PreparedVolume, strength: fl
         lo, hi = jf.spec.angle_deg
         angle = (lo + u * (hi - lo)) * s
         axis = _joint_axis(jf, v)
+        if jf.spec.kind == "ball" and angle != 0:  # abduct, never adduct a limb into the trunk
+            tip = jf.centre + jf.limb_axis * jf.lever_mm
+            moved = _axis_angle(axis, math.radians(angle)) @ (tip - jf.centre) + jf.centre
+            if abs(moved[0] - mid_x) < abs(tip[0] - mid_x):
+                angle = -angle
         if jf.spec.flexion_dir is not None:  # positive angle moves the limb's end towards flexion_dir
             r = _axis_angle(axis, math.radians(5.0))
             tip = jf.centre + jf.limb_axis * jf.lever_mm
@@ -918,7 +941,7 @@ def _pull_rows(
     fields = [coords] if extra is None else [coords, _sample(extra, smap.grid, x).reshape(*n_lat, -1)]
     occ = None
     if occupied is not None:
-        occ = _sample(occupied, smap.grid, x, padding="zeros").reshape(1, 1, *n_lat) > 0
+        occ = _sample(occupied, smap.grid, x).reshape(1, 1, *n_lat) > 0
         occ = F.max_pool3d(occ.float(), 3, stride=1, padding=1)[0, 0] > 0  # one lattice cell of margin
     fields = [
         _lerp_axis(_lerp_axis(v, 2, int(shape[2]), int(step[2])), 1, int(shape[1]), int(step[1]))
@@ -950,6 +973,13 @@ def _pull_rows(
             for v in fields
         ]
         yield i0, i1, box, parts[0].unsqueeze(0).contiguous(), (parts[1] if len(parts) > 1 else None)
+
+
+def _pull(data: torch.Tensor, g: torch.Tensor, mode: str) -> torch.Tensor:
+    """``data`` (C, X, Y, Z) read at grid ``g``. Past the grid's faces the face is repeated: a limb cut off
+    by the CT and turned (or pushed out by the elastic field) shows a continued limb, not a slot of air,
+    and labels (read the same way) continue with it."""
+    return F.grid_sample(data[None], g, mode=mode, padding_mode="border", align_corners=True)[0]
 
 
 # ----------------------------------------------------------------------------------------- densities
@@ -1036,7 +1066,7 @@ def apply_variation(vol: PreparedVolume, params: VariationParams) -> PreparedVol
             if g is not None:
                 part = mats[:, i0:i1, box[0] : box[1], box[2] : box[3]]
                 if smap.disp is not None:
-                    part.copy_(F.grid_sample(mats_in[None], g, mode="bilinear", align_corners=True)[0])
+                    part.copy_(_pull(mats_in, g, "bilinear"))
                 if extra is not None:
                     _habitus(part, extra[..., 0], extra[..., 1], h, delta)
             _tissue_factors(mats[:, i0:i1], params)  # chunk by chunk, while it is in cache
@@ -1052,9 +1082,7 @@ def apply_variation(vol: PreparedVolume, params: VariationParams) -> PreparedVol
         for i0, i1, box, g, _ in _pull_rows(lgrid, smap, occupied=_labelled(vol, smap.grid)):
             if g is not None:
                 y0, y1, z0, z1 = box
-                bits[:, i0:i1, y0:y1, z0:z1] = F.grid_sample(
-                    vol.label_bits[None], g, mode="nearest", align_corners=True
-                )[0]
+                bits[:, i0:i1, y0:y1, z0:z1] = _pull(vol.label_bits, g, "nearest")
         ids = list(vol.anchors)
         a, _ = smap.forward(np.stack([vol.anchors[i] for i in ids])) if ids else (np.zeros((0, 3)), None)
         anchors = {i: a[n].astype(np.float64) for n, i in enumerate(ids)}
@@ -1089,7 +1117,8 @@ def preview(
     strength: float = 1.0,
     field_mm: float = 400.0,
 ) -> list[str]:
-    """Before/after DRRs of ``vol`` (AP and lateral about the volume centre) for each seed, each also with
+    """Before/after DRRs of ``vol`` (AP and lateral, aimed at the first turned joint or the volume centre)
+    for each seed, each also with
     its bone label outlines drawn over it: the check that labels stayed on the deformed anatomy."""
     import matplotlib
 
@@ -1105,7 +1134,6 @@ def preview(
     _, bone_ids = _vocab_ids()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    centre = tuple(float(v) for v in volume_centre(vol))
     phys = PhysicsParams()
 
     def render(v: PreparedVolume, prim: float) -> tuple[np.ndarray, np.ndarray]:
@@ -1121,6 +1149,8 @@ def preview(
     paths = []
     for seed in seeds:
         params = sample_variation(np.random.default_rng(seed), vol, strength)
+        # aimed at the first turned joint, if any (that is what to look at), else the volume's centre
+        centre = params.joints[0].centre if params.joints else tuple(float(v) for v in volume_centre(vol))
         t0 = time.perf_counter()
         var = apply_variation(vol, params)
         dt = time.perf_counter() - t0
