@@ -78,6 +78,9 @@ class FitConfig:
     freeze_bn: bool = False  # BatchNorm in eval mode (used by the DDP equivalence test on CPU)
     num_workers: int = 0
     threads: int = 0  # torch.set_num_threads per process (0: leave as is)
+    # Convolution weights in NHWC: oneDNN's depthwise backward is ~1.8x cheaper on CPU than in NCHW
+    # (measured on the v2 Lite0 trunk, batch 4 at 256 px, 1 thread: 0.66 vs 1.21 CPU-s fwd+bwd).
+    channels_last: bool = False
     log_every: int = 10
     ckpt_every: int = 200
     text_cache: str = ""  # where to keep the text-feature bank ("" = <out>/text_features.pt)
@@ -541,6 +544,8 @@ def fit(cfg: FitConfig, resume: str | None = None) -> dict[str, Any]:
         # Per-GPU batches are small; synchronised statistics keep BatchNorm equal to one big batch.
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(d.device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
     step_module = TrainStep(model, bank.features, cfg.loss).to(d.device)
     net: nn.Module = step_module
     if d.world > 1:
