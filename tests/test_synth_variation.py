@@ -7,6 +7,7 @@ grid that does not share its voxel centres, like a prepared CT) so every test ru
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import lru_cache
 
 import numpy as np
 import pytest
@@ -87,6 +88,7 @@ def make_phantom(shapes: dict[int, tuple], extent: float = 160.0, name: str = "p
     )
 
 
+@lru_cache(maxsize=1)  # built once: apply_variation never changes its input (test_input_is_untouched)
 def ball_and_slab() -> PreparedVolume:
     ball = (lambda w: np.linalg.norm(w - np.array([15.0, -10.0, 8.0]), axis=-1) < 28.0, 1.2)
     slab = (
@@ -96,6 +98,7 @@ def ball_and_slab() -> PreparedVolume:
     return make_phantom({BALL: ball, SLAB: slab})
 
 
+@lru_cache(maxsize=1)
 def shoulder() -> PreparedVolume:
     """A humerus (head radius 14 mm at the origin, shaft radius 7 mm down -z for 110 mm) against a
     scapula block touching the head medially: the shoulder_right joint of ``JOINTS``."""
