@@ -75,18 +75,18 @@ def _small_model(checkpoint: str | None, random_size: int | None = None):
 
 
 def _v2_model(spec: str):
-    """``v2[:SIZE[:STRIDE]]``: the v2 architecture (realtime_v2), random init, for timing."""
+    """``v2[:SIZE[:STRIDE[:BLOCKS]]]``: the v2 architecture (realtime_v2), random init, for timing."""
     from .model.build import build_model
     from .model.config import realtime_v2
 
-    parts = spec.split(":")[1:]
     try:
-        size = int(parts[0]) if parts else 256
-        stride = int(parts[1]) if len(parts) > 1 else 16
+        args = [int(v) for v in spec.split(":")[1:]]
     except ValueError as exc:
-        raise SystemExit(f"bad model spec {spec!r}: use v2, v2:SIZE or v2:SIZE:STRIDE") from exc
+        raise SystemExit(f"bad model spec {spec!r}: use v2[:SIZE[:STRIDE[:BLOCKS]]]") from exc
+    if len(args) > 3:
+        raise SystemExit(f"bad model spec {spec!r}: use v2[:SIZE[:STRIDE[:BLOCKS]]]")
     torch.manual_seed(0)
-    return build_model(realtime_v2(size, stride)), "random init (timing only)"
+    return build_model(realtime_v2(*args)), "random init (timing only)"
 
 
 def _official_model():

@@ -187,13 +187,14 @@ def test_strict_load_round_trips_exactly_and_finds_the_trunk_in_a_model(tmp_path
     _randomise_bn(src)
     path = tmp_path / "lite0.pth"
     torch.save(_efficientnet_pytorch_layout(src), path)
-    m = _v2(64, seed=2)
-    assert load_pretrained_lite0(m, path) == len(src.state_dict())  # the whole model: trunk found
+    m = _v2(64, seed=2)  # realtime_v2 builds the first 12 blocks
+    trunk = find_lite0(m)  # the whole model was given: the trunk is found inside it
+    assert load_pretrained_lite0(m, path) == len(trunk.state_dict())
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         ref = [f.clone() for f in src.eval()(x)]
-        got = find_lite0(m).eval()(x)
-    for a, b in zip(ref, got):
+        got = trunk.eval()(x)
+    for a, b in zip(ref[:4], got[:4]):  # strides 2-16: the same blocks, the same numbers
         assert torch.equal(a, b)
 
 
@@ -225,6 +226,22 @@ def test_load_fails_loudly_on_missing_mismatched_or_foreign_keys(tmp_path):
     with pytest.raises(PretrainedLoadError):
         load_lite0_state_dict(fresh, missing)
     assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+
+
+def test_a_shortened_trunk_loads_its_blocks_and_leaves_the_deepest_out():
+    full = EfficientNetLite0()
+    _randomise_bn(full)
+    sd = _efficientnet_pytorch_layout(full)
+    short = EfficientNetLite0(num_blocks=12)
+    assert short.feature_channels == (16, 24, 40, 112, 192)
+    n = load_lite0_state_dict(short, sd)
+    assert n == len(short.state_dict())
+    assert all(torch.equal(short.state_dict()[k], full.state_dict()[k]) for k in short.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(short.eval()(x)[3], full.eval()(x)[3])  # stride 16: same blocks, same numbers
+    with pytest.raises(ValueError, match="num_blocks"):
+        EfficientNetLite0(num_blocks=11)
 
 
 def _imagenet_top5(trunk: EfficientNetLite0, sd: dict[str, torch.Tensor], rgb: np.ndarray) -> list[int]:
@@ -427,7 +444,7 @@ def test_fit_initialises_the_trunk_and_scales_its_learning_rate(tmp_path):
     model, _ = build_training_model(cfg)
     assert model.cfg == realtime_v2(256)
     trunk = find_lite0(model)
-    assert all(torch.equal(a, b) for a, b in zip(trunk.state_dict().values(), src.state_dict().values()))
+    assert all(torch.equal(v, src.state_dict()[k]) for k, v in trunk.state_dict().items())
     groups = param_groups(model, cfg)
     trunk_ids = {id(p) for p in trunk.parameters()}
     for g in groups:

@@ -56,6 +56,7 @@ class LiteEncoderConfig:
     neck_dim: int = 96
     neck_blocks: int = 1
     embed_stride: int = 16  # 8 or 16
+    trunk_blocks: int = 16  # 16: all of Lite0; 12: stop after the first stride-32 block (cheaper)
 
 
 @dataclass(frozen=True)
@@ -223,18 +224,28 @@ def small_realtime(img_size: int = 256) -> ModelConfig:
     )
 
 
-def realtime_v2(img_size: int = 256, embed_stride: int = 16) -> ModelConfig:
+def realtime_v2(img_size: int = 256, embed_stride: int = 16, trunk_blocks: int = 12) -> ModelConfig:
     """The v2 real-time model: EfficientNet-Lite0 + FPN encoder, high-res mask path, 128-d prompts.
 
     Why 256 px: at 128 px a K-wire (about 1 mm, 2-4 px of a 1024-px C-arm frame) is a quarter of a
-    pixel and vanishes in the input itself; at 256 it is a 1-px line that survives resizing.
-    320 px costs more than the frame budget allows (measured: docs in the v2 report); the logits
-    at 256 are already 128 x 128, half the input.
+    pixel and vanishes in the input itself; at 256 it is a 1-px line that survives resizing, and
+    the logits are 128 x 128 (half the input). 320 px was measured on the 2-core CPU (ONNX Runtime,
+    1 thread, CPU ms): encoder 22.5 vs 14.2, decode K = 10 26.2 vs 17.0, raw frame -> 3 masks
+    40.4 vs 28.3; the embedded 128-px model does that frame in 12.9. The node's budget has no
+    room for 320.
 
     Why stride 16 (a 16 x 16 grid at 256 px): the decoder's attention and per-prompt upscaling
-    scale with the grid, so stride 8 (32 x 32) costs ~4x more per prompt. The per-prompt upscaler
-    stops at x4 (64 x 64); the high-res path (stride-2/4 encoder features, HQ-SAM style) brings
-    the logits to 128 x 128 and the detail a stride-16 grid lacks, at almost no per-prompt cost.
+    scale with the grid; stride 8 (32 x 32) measured 3.4x the K = 10 decode. The per-prompt
+    upscaler stops at x4 (64 x 64); the high-res path (stride-2/4 encoder features, HQ-SAM style)
+    brings the logits to 128 x 128 and the detail a stride-16 grid lacks, at almost no per-prompt
+    cost, so the decoder costs about what the embedded model's does (17.0 vs 15.0 ms for K = 10).
+
+    Why 12 trunk blocks: the four deepest Lite0 blocks (three 192-channel repeats and the
+    320-channel block at stride 32) are a quarter of the encoder's CPU time and half its weights,
+    and they parallelise worst on two threads; without them the encoder measured 14.2 vs 19.1 ms
+    (1 thread) and 10.7 vs 16.8 ms (2 threads, best of 40). Block 11, the first stride-32 block,
+    is kept, so the FPN still has ImageNet stride-32 features. ``trunk_blocks=16`` builds all.
+
     Text comes from all-MiniLM-L6-v2 (384-d) as in the small model, so the prompt cache and
     vocabulary tooling carry over.
     """
@@ -245,7 +256,9 @@ def realtime_v2(img_size: int = 256, embed_stride: int = 16) -> ModelConfig:
     return ModelConfig(
         name="fluorosam-rt-v2",
         image_encoder=ImageEncoderConfig(
-            kind="lite", img_size=img_size, lite=LiteEncoderConfig(embed_stride=embed_stride)
+            kind="lite",
+            img_size=img_size,
+            lite=LiteEncoderConfig(embed_stride=embed_stride, trunk_blocks=trunk_blocks),
         ),
         text=TextConfig(kind="minilm", feature_dim=384, keep_visual_remnants=False),
         prompt_encoder=PromptEncoderConfig(embed_dim=128, text_hidden=256, use_vq=True, codebook_size=1024),

@@ -50,8 +50,9 @@ LITE0_BLOCKS: tuple[tuple[int, int, int, int, int], ...] = (
     (6, 3, 1, 320, 1),
 )
 LITE0_STEM = 32
-# Index of the last block at each output stride: 2, 4, 8, 16, 32.
+# Index of the last block at each output stride: 2, 4, 8, 16, 32 (of the full 16-block trunk).
 LITE0_FEATURE_BLOCKS: tuple[int, ...] = (0, 2, 4, 10, 15)
+LITE0_NUM_BLOCKS = 16
 # Tensors of the pretrained file that belong to the classification head (not built here).
 _HEAD_PREFIXES = ("_conv_head.", "_bn1.", "_fc.")
 
@@ -133,17 +134,20 @@ class MBConvLite(nn.Module):
 
 
 class EfficientNetLite0(nn.Module):
-    """Stem + 16 MBConv blocks; :meth:`forward` returns the features at strides 2, 4, 8, 16, 32.
+    """Stem + MBConv blocks; :meth:`forward` returns the features at strides 2, 4, 8, 16, 32.
 
-    Channels of those features: :attr:`feature_channels` = (16, 24, 40, 112, 320). Input
-    [B, 3, S, S] normalised to [-1, 1] (the range the ImageNet weights were trained on), S a
-    multiple of 32 (every stride-2 conv then sees an even size, which the SAME padding assumes).
+    ``num_blocks`` (12 to 16) builds the first blocks only: 16 is the whole Lite0 (stride-32
+    features with 320 channels), 12 stops after the first stride-32 block (192 channels), which
+    drops the four deepest blocks, most of the stride-32 cost and 1.6 M of the 3.0 M weights.
+    Channels of the features: :attr:`feature_channels`. Input [B, 3, S, S] normalised to [-1, 1]
+    (the range the ImageNet weights were trained on), S a multiple of 32 (every stride-2 conv
+    then sees an even size, which the SAME padding assumes).
     """
 
-    feature_channels: tuple[int, ...] = (16, 24, 40, 112, 320)
-
-    def __init__(self, in_chans: int = 3) -> None:
+    def __init__(self, in_chans: int = 3, num_blocks: int = LITE0_NUM_BLOCKS) -> None:
         super().__init__()
+        if not 12 <= num_blocks <= LITE0_NUM_BLOCKS:
+            raise ValueError(f"num_blocks must be 12..16 (stride 32 needs block 11), got {num_blocks}")
         self.stem = ConvBNReLU6(in_chans, LITE0_STEM, 3, 2)
         blocks: list[nn.Module] = []
         prev = LITE0_STEM
@@ -151,7 +155,11 @@ class EfficientNetLite0(nn.Module):
             for r in range(repeats):
                 blocks.append(MBConvLite(prev, out, expand, k, stride if r == 0 else 1))
                 prev = out
-        self.blocks = nn.ModuleList(blocks)
+        self.blocks = nn.ModuleList(blocks[:num_blocks])
+        self.taps = (*LITE0_FEATURE_BLOCKS[:4], num_blocks - 1)
+        self.feature_channels: tuple[int, ...] = tuple(
+            self.blocks[i].project.conv.out_channels for i in self.taps
+        )
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         if x.shape[-1] % 32 or x.shape[-2] % 32:
@@ -160,7 +168,7 @@ class EfficientNetLite0(nn.Module):
         feats = []
         for i, block in enumerate(self.blocks):
             x = block(x)
-            if i in LITE0_FEATURE_BLOCKS:
+            if i in self.taps:
                 feats.append(x)
         return feats
 
@@ -246,6 +254,8 @@ def find_lite0(module: nn.Module) -> EfficientNetLite0:
 def load_pretrained_lite0(module: nn.Module, path: str | Path) -> int:
     """Load the ImageNet Lite0 weights (``efficientnet-lite0-*.pth``) into the trunk, strictly.
 
+    Tensors of blocks a shortened trunk does not build (``num_blocks`` < 16) are left out.
+
     ``module`` is the trunk or anything holding exactly one (the v2 model, its image encoder).
 
     Every tensor of the file except the classification head must map onto a trunk tensor of the
@@ -274,6 +284,13 @@ def load_lite0_state_dict(
 ) -> int:
     """The strict load behind :func:`load_pretrained_lite0`, for an in-memory state dict."""
     mapping = lite0_key_map(list(sd))
+    # A shortened trunk (num_blocks < 16) leaves the file's deepest blocks out, by name only.
+    built = len(trunk.blocks)
+    mapping = {
+        k: v
+        for k, v in mapping.items()
+        if not (v.startswith("blocks.") and built <= int(v.split(".")[1]) < LITE0_NUM_BLOCKS)
+    }
     own = trunk.state_dict()
     missing = sorted(set(own) - set(mapping.values()))
     unexpected = sorted(k for k, v in mapping.items() if v not in own)

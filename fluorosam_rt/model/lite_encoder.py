@@ -77,8 +77,8 @@ class LiteEncoder(nn.Module):
             raise ValueError(f"high-res features are at half the input: grid {grid} x {high_res.factor}")
         self.embed_stride = cfg.embed_stride
         self.grid = grid
-        self.trunk = EfficientNetLite0()
-        _, c4, c8, c16, c32 = EfficientNetLite0.feature_channels
+        self.trunk = EfficientNetLite0(num_blocks=cfg.trunk_blocks)
+        c2, c4, c8, c16, c32 = self.trunk.feature_channels
         n = cfg.neck_dim
         self.lat32 = ConvBNAct(c32, n, 1, act=False)
         self.lat16 = ConvBNAct(c16, n, 1, act=False)
@@ -91,9 +91,7 @@ class LiteEncoder(nn.Module):
         self.refine = nn.Sequential(*[FusedMBConv(n, n, 1, 2.0) for _ in range(cfg.neck_blocks)])
         self.out_proj = nn.Conv2d(n, out_dim, 1)
         self.norm = _LayerNorm2d(out_dim)
-        self.high_res = (
-            _HighRes(EfficientNetLite0.feature_channels[0], c4, high_res.channels) if high_res else None
-        )
+        self.high_res = _HighRes(c2, c4, high_res.channels) if high_res else None
 
     @staticmethod
     def _add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
