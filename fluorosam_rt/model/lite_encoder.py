@@ -2,8 +2,8 @@
 
 Output, one tensor per frame (so every engine, the predictor and the node pass it around as
 before): ``[B, C + c * f * f, E, E]``, the first C channels the SAM image embedding, the rest the
-high-resolution features [B, c, E*f, E*f] (f = 2**upscale stages, so at the logits' resolution,
-half the input), reshaped into the grid (:func:`~fluorosam_rt.model.mask_decoder.pack_high_res`).
+high-resolution features [B, c, E*f, E*f] at half the input (the logits' resolution; f = 8 at
+stride 16), reshaped into the grid (:func:`~fluorosam_rt.model.mask_decoder.pack_high_res`).
 The mask decoder adds them to every prompt's upscaled features before its hypernetwork dot
 product (HQ-SAM's idea: early encoder features restore the detail a coarse token grid cannot
 hold, so a 1-2 px K-wire survives). They are computed once per frame here, never per prompt.
