@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -71,17 +71,14 @@ def support_rois(
     by less than one source sample per resize; the bounds below add one more of each as margin.
     None: no low-resolution logit exceeds the threshold (the mask is empty).
     """
-    pos = chosen > threshold
-    L = chosen.shape[-1]
-    rows, cols = pos.any(dim=2), pos.any(dim=1)
-    has = rows.any(dim=1).tolist()
-    idx = torch.arange(L)
-    big = L + 1
-    r0 = torch.where(rows, idx, big).min(dim=1).values.tolist()
-    r1 = torch.where(rows, idx, -1).max(dim=1).values.tolist()
-    c0 = torch.where(cols, idx, big).min(dim=1).values.tolist()
-    c1 = torch.where(cols, idx, -1).max(dim=1).values.tolist()
-    s = img_size / chosen.shape[-1]
+    pos = chosen.detach().cpu().numpy() > threshold  # numpy: single-threaded, no pool hand-offs
+    L = pos.shape[-1]
+    rows, cols = pos.any(axis=2), pos.any(axis=1)
+    has = rows.any(axis=1).tolist()
+    r0, c0 = rows.argmax(axis=1).tolist(), cols.argmax(axis=1).tolist()
+    r1 = (L - 1 - rows[:, ::-1].argmax(axis=1)).tolist()
+    c1 = (L - 1 - cols[:, ::-1].argmax(axis=1)).tolist()
+    s = img_size / L
     (rh, rw), (h, w) = resized_hw, out_hw
     fy, fx = h / rh, w / rw
 
@@ -120,21 +117,25 @@ class StageTimes:
         return out
 
 
+def _finite(v: Any) -> bool:
+    if v is None:
+        return True
+    if isinstance(v, np.ndarray):
+        return bool(np.isfinite(v).all())
+    return all(math.isfinite(x) for x in v) if isinstance(v, tuple) else math.isfinite(v)
+
+
+_PROMPT_FLOATS = ("area_mm2", "centroid")
+_INSTANCE_FLOATS = ("area_mm2", "centroid", "polyline", "tip", "axis", "length_px", "length_mm", "width_px")
+
+
 def _sanitize(g: PromptGeometry) -> None:
     """Drop any non-finite number (never expected; never published): the field goes absent."""
-    for obj in (g, *g.instances):
-        for f in fields(obj):
-            v = getattr(obj, f.name)
-            bad = False
-            if isinstance(v, float):
-                bad = not math.isfinite(v)
-            elif isinstance(v, tuple) and v and isinstance(v[0], float):
-                bad = not all(math.isfinite(x) for x in v)
-            elif isinstance(v, np.ndarray) and v.dtype.kind == "f":
-                bad = not bool(np.isfinite(v).all())
-            if bad:
-                setattr(obj, f.name, None)
-                obj.absent[f.name] = "not finite (numerical failure)"
+    for obj, names in ((g, _PROMPT_FLOATS), *((i, _INSTANCE_FLOATS) for i in g.instances)):
+        for name in names:
+            if not _finite(getattr(obj, name)):
+                setattr(obj, name, None)
+                obj.absent[name] = "not finite (numerical failure)"
 
 
 class GeometryStage:

@@ -1,13 +1,15 @@
 """A mask's outlines, instances, bounding box, centroid and areas: what navigation consumes.
 
 Everything comes from one ``cv2.findContours`` pass (two-level hierarchy: outlines and their
-holes) over the mask's occupied rectangle, so a frame's geometry costs tens of microseconds per
-prompt rather than a pass per quantity:
+holes) over the part of the mask that can hold pixels (the node bounds it from the
+low-resolution logits); bounding box, pixel counts and centroids are computed from the traced
+contours, so the pixels are read once per prompt, not once per quantity:
 
 * **instances** are the outer contours: with 8-connected foreground they are exactly the mask's
-  connected components (a full labelling pass costs ~1 ms per 1024² mask here; tracing costs
-  ~0.1 ms and yields the outlines too);
-* **pixel areas** of instances come from Pick's theorem on the traced contours: a contour
+  connected components (a labelling pass with statistics costs ~8 ms CPU per 1024² mask here,
+  the trace ~0.1-0.3 ms and yields the outlines too);
+* **pixel areas** (of instances, and of the prompt: their sum, specks included) come from Pick's
+  theorem on the traced contours: a contour
   through B boundary-pixel centres enclosing polygon area A covers A + B/2 + 1 pixels, and a
   hole's contour encloses A − B/2 + 1 pixels that are not part of the instance (exact for
   8-connected regions, one-pixel-wide necks included; checked against a labelling in the tests);
@@ -136,25 +138,24 @@ def outline_mask(
     d = int(downsample)
     H, W = m.shape
     src_hw = source_hw or (H * d, W * d)
+    # One pass over the pixels: the trace. Everything else is computed from the contours.
     ox = oy = 0
     search = m
     if roi is not None:
         ox, oy = max(0, int(roi[0])), max(0, int(roi[1]))
         search = m[oy : max(oy, min(H, int(roi[3]))), ox : max(ox, min(W, int(roi[2])))]
-    bx, by, bw, bh = cv2.boundingRect(search) if search.size else (0, 0, 0, 0)
-    if bw == 0:
+    if search.size == 0:
         return Outline(empty_geometry("empty mask"))
-    bx, by = bx + ox, by + oy
-    r = m[by : by + bh, bx : bx + bw]
-    count = cv2.countNonZero(r)
     method = cv2.CHAIN_APPROX_NONE if dense else cv2.CHAIN_APPROX_SIMPLE
-    contours, hier = cv2.findContours(r, cv2.RETR_CCOMP, method, offset=(bx, by))
+    contours, hier = cv2.findContours(search, cv2.RETR_CCOMP, method, offset=(ox, oy))
+    if not contours:
+        return Outline(empty_geometry("empty mask"))
     h = hier[0].tolist()
     d2 = d * d
     outers = [k for k, e in enumerate(h) if e[3] == -1]
-    # One part: its pixel count is the mask's. Several: Pick's theorem per contour; a hole's
-    # contour runs through the part's own pixels, so only its A - B/2 + 1 inner pixels are removed.
-    areas = _pixel_areas(contours, dense) if len(outers) > 1 else None
+    # Pick's theorem per contour; a hole's contour runs through the part's own pixels, so only
+    # its A - B/2 + 1 inner pixels are removed.
+    areas = _pixel_areas(contours, dense)
     found = []  # (pixel area in mask pixels, outer index, hole indices)
     for k in outers:
         holes = []
@@ -162,8 +163,11 @@ def outline_mask(
         while child != -1:
             holes.append(child)
             child = h[child][0]
-        px = float(count) if areas is None else areas[k][0] - sum(areas[j][1] for j in holes)
-        found.append((px, k, holes))
+        found.append((areas[k][0] - sum(areas[j][1] for j in holes), k, holes))
+    count = round(sum(f[0] for f in found))
+    span = np.concatenate([contours[k] for k in outers]).reshape(-1, 2)
+    bx, by = (int(v) for v in span.min(axis=0))
+    bw, bh = (int(v) + 1 for v in span.max(axis=0) - (bx, by))
     found.sort(key=lambda f: -f[0])
     min_px = settings.min_instance_px / d2
     kept = [f for f in found if f[0] >= min_px][: settings.max_instances]
@@ -222,8 +226,7 @@ def outline_mask(
         g.centroid = (sx / weight, sy / weight)
     else:
         g.absent["instances"] = f"every part is smaller than {settings.min_instance_px} px"
-        ys, xs = np.nonzero(r)  # specks only: a few pixels
-        g.centroid = tuple(to_source(np.array([bx + xs.mean(), by + ys.mean()]), d).tolist())
+        g.centroid = tuple(float(v) for v in to_source(span.mean(axis=0), d))  # specks: their pixels
     return out
 
 

@@ -94,13 +94,17 @@ class SceneCutDetector:
 
 
 class LogitSmoother:
-    """Per-prompt exponential moving average of low-resolution logits and scores."""
+    """Per-prompt exponential moving average of low-resolution logits and scores.
+
+    The arithmetic runs in numpy on the tensors' memory: a few hundred thousand floats per frame
+    are not worth torch's thread pool, whose hand-offs cost milliseconds on a loaded machine.
+    """
 
     def __init__(self, weight: float) -> None:
         if not 0.0 <= weight < 1.0:
             raise ValueError(f"smoothing weight must be in [0, 1), got {weight}")
         self.weight = weight
-        self._state: dict[str, tuple[torch.Tensor, float]] = {}
+        self._state: dict[str, tuple[np.ndarray, float]] = {}
 
     @property
     def enabled(self) -> bool:
@@ -116,13 +120,16 @@ class LogitSmoother:
         if not self.enabled:
             return logits, scores
         w = self.weight
-        out, out_s = logits.clone(), scores.clone()
-        state: dict[str, tuple[torch.Tensor, float]] = {}
+        x = logits.detach().cpu().float().numpy()
+        out = np.array(x, copy=True)
+        out_s = scores.detach().cpu().double().numpy().copy()
+        state: dict[str, tuple[np.ndarray, float]] = {}
         for i, pid in enumerate(prompt_ids):
             prev = self._state.get(pid)
-            if prev is not None and prev[0].shape == logits[i].shape:
-                out[i] = (1 - w) * logits[i] + w * prev[0]
-                out_s[i] = (1 - w) * float(scores[i]) + w * prev[1]
-            state[pid] = (out[i].detach().clone(), float(out_s[i]))
+            if prev is not None and prev[0].shape == x[i].shape:
+                np.multiply(x[i], 1 - w, out=out[i])
+                out[i] += w * prev[0]
+                out_s[i] = (1 - w) * out_s[i] + w * prev[1]
+            state[pid] = (out[i], float(out_s[i]))
         self._state = state
-        return out, out_s
+        return torch.from_numpy(out), torch.from_numpy(out_s).to(scores.dtype)

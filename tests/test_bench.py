@@ -190,6 +190,7 @@ def test_tiny_real_bench_writes_the_contract_plots_and_report(tmp_path, checkpoi
         checkpoint=str(checkpoint),
         report=md,
         quick=True,
+        geometry=False,  # measured on its own below: it replays the demo sweep
         argv=["fluorosam-rt", "bench", "(test)"],
     )
     result = run_bench(opts, progress=lambda *_: None)
@@ -258,3 +259,43 @@ def test_paced_baseline_waits_for_each_frame_and_times_every_one():
         assert fake.calls[i] - fake.calls[0] >= i * 0.02 - 1e-4
     assert out["rate"] == 50.0
     assert out["sustainable_fps"] > 0
+
+
+def test_geometry_bench_measures_cost_flicker_tips_and_transport(bundle):
+    from fluorosam_rt.bench.geometry import (
+        anatomy_flicker,
+        synthetic_anatomy,
+        time_stage,
+        tip_jitter,
+        transport,
+        upsample,
+    )
+    from fluorosam_rt.bench.report import geometry_lines, geometry_markdown
+
+    names, low = synthetic_anatomy(4, 256)
+    assert names[-1] == "K-wire"
+    masks, rois = upsample(low, (256, 256), 256)
+    assert all(m.shape == (256, 256) for m in masks)
+    cost = time_stage(names, [(masks, rois)], (256, 256), repeats=3)
+    assert cost["calls"] == 3
+    assert set(cost["wall_ms"]) == {"scene", "outlines", "tools", "tracking", "total"}
+    assert cost["cpu_ms"]["p50_ms"] > 0
+    assert cost["instances_per_frame"] >= 4
+    tips = tip_jitter((0.0, 0.5), limit=6)
+    off = tips["by_weight"]["0.0"]
+    assert off["tips_found"] == 6
+    assert off["tip_error_px"]["p50_ms"] < 3  # the noise moves edges by about a pixel
+    assert tips["by_weight"]["0.5"]["smoothing_ms"]["n"] == 6
+    flick = anatomy_flicker(bundle, (0.0, 0.5), limit=5)
+    for r in flick["by_weight"].values():
+        assert 0.0 <= r["flicker_mean"] <= 1.0
+        assert r["geometry_ms"]["n"] == 5
+    tr = transport(k=3, size=128, n=4)
+    assert tr["full"]["received"] == tr["geometry"]["received"] == 4
+    assert tr["geometry"]["bytes_per_message"] * 5 < tr["full"]["bytes_per_message"]
+    geo = {"cost_synthetic": cost, "flicker_anatomy": flick, "tip_jitter": tips, "transport": tr}
+    text = "\n".join(geometry_markdown(geo, {"cores": 2, "load_before": [1.0, 1.0, 1.0]}))
+    assert "## Geometry" in text
+    assert "| 0.5 |" in text
+    assert "fewer bytes per frame" in text
+    assert any("geometry-only" in line for line in geometry_lines(geo))

@@ -48,6 +48,7 @@ def options_from_args(args: argparse.Namespace, argv: list[str] | None = None) -
         checkpoint=args.checkpoint,
         threads=args.threads,
         quick=args.quick,
+        geometry=not args.no_geometry,
         soak_minutes=args.soak,
         soak_interval_s=args.soak_interval,
         soak_engine=args.soak_engine,
@@ -110,6 +111,11 @@ def add_bench_parser(sub: Any) -> None:
     b.add_argument("--threads", type=int, default=0, help="torch threads in the node (0: torch's default)")
     b.add_argument("--out", default="bench-results", help="folder for bench.json and the PNGs")
     b.add_argument("--report", help="also write the markdown report here (e.g. docs/benchmarks.md)")
+    b.add_argument(
+        "--no-geometry",
+        action="store_true",
+        help="skip the geometry stage's cost, flicker and transport runs",
+    )
     b.add_argument("--soak", type=float, metavar="MINUTES", help="only a soak run: 15 fps, 3 prompts")
     b.add_argument("--soak-interval", type=float, default=10.0, help="soak sampling period, s")
     b.add_argument("--soak-engine", help="engine for the soak (default: onnxruntime, else torch)")

@@ -179,6 +179,8 @@ def print_table(result: dict[str, Any]) -> None:
         for name, v in result.get("targets", {}).items():
             if isinstance(v, dict) and "met" in v:
                 console.print(f"target {name}: {'met' if v['met'] else 'MISSED'} {json.dumps(v)}")
+    for line in geometry_lines(result.get("geometry", {})):
+        console.print(line)
     if "soak" in result:
         s = result["soak"]["summary"]
         console.print(f"soak: {json.dumps(s)}")
@@ -632,6 +634,8 @@ def markdown(result: dict[str, Any], image_prefix: str, notes: str = "") -> str:
             )
             lines.append("- latency flat over 10 minutes: see the soak section (`--soak 10`) when it was run")
         lines.append("")
+    if "geometry" in result:
+        lines += geometry_markdown(result["geometry"], result["machine"])
     if "soak" in result:
         s = result["soak"]
         sm = s["summary"]
@@ -653,6 +657,152 @@ def markdown(result: dict[str, Any], image_prefix: str, notes: str = "") -> str:
         lines += faults_markdown(result["faults"], image_prefix)
     lines += [NOTES_BEGIN, notes.strip() or "(no notes yet)", NOTES_END, ""]
     return "\n".join(lines)
+
+
+GEOMETRY_TARGET_P99_MS = 2.0
+
+
+def geometry_lines(geo: dict[str, Any]) -> list[str]:
+    """The geometry stage's headline numbers, one line each (console and report)."""
+    out = []
+    for key, what in (
+        ("cost_model_masks", "the model's masks"),
+        ("cost_synthetic", "synthetic anatomy + K-wire"),
+    ):
+        c = geo.get(key)
+        if not c:
+            continue
+        w, cpu = c["wall_ms"], c["cpu_ms"]
+        parts = ", ".join(
+            f"{k} {_f(w[k]['p50_ms'], 2)}/{_f(w[k]['p99_ms'], 2)}" for k in (*GEOMETRY_SUBSTAGES,)
+        )
+        met = "met" if cpu["p99_ms"] <= GEOMETRY_TARGET_P99_MS else "MISSED"
+        total = f"{_f(w['total']['p50_ms'], 2)}/{_f(w['total']['p99_ms'], 2)}"
+        out.append(
+            f"geometry, K={c['prompts']} on {what}: CPU p50 {_f(cpu['p50_ms'], 2)} ms, "
+            f"p99 {_f(cpu['p99_ms'], 2)} ms (target <= {GEOMETRY_TARGET_P99_MS:g} ms: {met}); "
+            f"wall p50/p99 ms per sub-stage: {parts}, total {total}; {c['instances_per_frame']:.1f} "
+            f"instances, {c['contour_vertices_per_frame']:.0f} contour vertices per frame"
+        )
+    tr = geo.get("transport")
+    if tr:
+        f, g = tr["full"], tr["geometry"]
+        out.append(
+            f"geometry-only at K={tr['prompts']}, {tr['size']}² {tr['encoding']}: "
+            f"{g['bytes_per_message']:.0f} B vs {f['bytes_per_message']:.0f} B per message "
+            f"({tr['bytes_ratio']:.0f}x fewer); transport p50/p99 "
+            f"{_f(g['transport_ms']['p50_ms'], 2)}/{_f(g['transport_ms']['p99_ms'], 2)} ms vs "
+            f"{_f(f['transport_ms']['p50_ms'], 2)}/{_f(f['transport_ms']['p99_ms'], 2)} ms"
+        )
+    return out
+
+
+GEOMETRY_SUBSTAGES = ("scene", "outlines", "tools", "tracking")
+
+
+def geometry_markdown(geo: dict[str, Any], machine: dict[str, Any]) -> list[str]:
+    lines = [
+        "## Geometry: outlines, instances, tool tips, tracking",
+        "",
+        "Measured in the benchmark process on the node's own code (fluorosam_rt/bench/geometry.py), "
+        f"on {machine['cores']} cores at load {machine['load_before']}. CPU is the thread's CPU time for "
+        "the whole stage (what the stage needs); wall is per sub-stage and includes time the thread "
+        "waited for a core on this shared machine.",
+        "",
+        "| mask set | prompts | CPU p50 ms | CPU p99 ms | "
+        + " | ".join(f"{s} p50/p99 ms" for s in (*GEOMETRY_SUBSTAGES, "total"))
+        + " | instances/frame | vertices/frame |",
+        "|---|" + "---|" * (9),
+    ]
+    for key, what in (
+        ("cost_model_masks", "model's masks, bench frames"),
+        ("cost_synthetic", "synthetic + ribs + K-wire"),
+    ):
+        c = geo.get(key)
+        if not c:
+            continue
+        w = c["wall_ms"]
+        lines.append(
+            f"| {what} | {c['prompts']} | {_f(c['cpu_ms']['p50_ms'], 2)} | {_f(c['cpu_ms']['p99_ms'], 2)} | "
+            + " | ".join(
+                f"{_f(w[s]['p50_ms'], 2)}/{_f(w[s]['p99_ms'], 2)}" for s in (*GEOMETRY_SUBSTAGES, "total")
+            )
+            + f" | {c['instances_per_frame']:.1f} | {c['contour_vertices_per_frame']:.0f} |"
+        )
+    lines += [
+        "",
+        f"Target: geometry, instances and tracking for K=10 <= {GEOMETRY_TARGET_P99_MS:g} ms p99 per frame.",
+        "",
+    ]
+    fl = geo.get("flicker_anatomy")
+    if fl:
+        lines += [
+            "### Flicker and smoothing",
+            "",
+            f"Demo sweep ({fl['frames']} frames), embedded model, prompts {', '.join(fl['prompts'])}, "
+            "through Node._infer; flicker = 1 - IoU of consecutive masks. Smoothing is a causal EMA of "
+            "the low-resolution logits (weight = share of the past): no frame is held back.",
+            "",
+            "| smoothing | flicker mean | "
+            + " | ".join(f"{p} mean/p95" for p in fl["prompts"])
+            + " | smoothing ms p50/p99 | postprocess ms p50 | geometry ms p50 |",
+            "|---|---|" + "---|" * (len(fl["prompts"]) + 3),
+        ]
+        for wkey, r in fl["by_weight"].items():
+            lines.append(
+                f"| {wkey} | {r['flicker_mean']:.4f} | "
+                + " | ".join(
+                    f"{r['flicker'][p]['mean']:.4f}/{r['flicker'][p]['p95']:.4f}" for p in fl["prompts"]
+                )
+                + f" | {_f(r['smoothing_ms'].get('p50_ms'), 3)}/{_f(r['smoothing_ms'].get('p99_ms'), 3)}"
+                f" | {_f(r['postprocess_ms'].get('p50_ms'), 2)} | {_f(r['geometry_ms'].get('p50_ms'), 2)} |"
+            )
+    tj = geo.get("tip_jitter")
+    if tj:
+        lines += [
+            "",
+            f"K-wire tip over the sweep's {tj['frames']} cameras (the wire moved into the field of view; "
+            f"truth from the projection; the tip moves {tj['tip_motion_px_per_frame']:.2f} px per frame "
+            "at 1024²), "
+            f"low-resolution logits = signed distance + noise (sd {tj['noise_logit_sd']} logit per "
+            f"{tj['low_res']}² pixel, spatially smoothed). Jitter = RMS of the frame-to-frame change of "
+            "the tip error; lag = mean error along the tip's motion (negative: trailing).",
+            "",
+            "| smoothing | tips found | within 5 px | tip error p50/p95 px | jitter px | lag px "
+            "| smoothing ms p50/p99 |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for wkey, r in tj["by_weight"].items():
+            e = r["tip_error_px"]
+            lines.append(
+                f"| {wkey} | {r['tips_found']}/{tj['frames']} | {100 * r.get('within_5px', 0):.0f} % | "
+                f"{_f(e.get('p50_ms'), 2)}/{_f(e.get('p95_ms'), 2)} | {_f(r['jitter_px'], 2)} | "
+                f"{_f(r['lag_px'], 2)} | "
+                f"{_f(r['smoothing_ms'].get('p50_ms'), 3)}/{_f(r['smoothing_ms'].get('p99_ms'), 3)} |"
+            )
+    tr = geo.get("transport")
+    if tr:
+        f, g = tr["full"], tr["geometry"]
+        lines += [
+            "",
+            "### Geometry-only subscription",
+            "",
+            f"K={tr['prompts']} prompts, {tr['size']}² masks ({tr['encoding']}), {tr['messages']} messages "
+            "over TCP to a subscriber process (bridge.Subscriber, decode included); "
+            "transport = publish -> decoded.",
+            "",
+            "| stream | bytes/message | transport p50 ms | p99 ms | received |",
+            "|---|---|---|---|---|",
+            f"| full (masks + geometry) | {f['bytes_per_message']:.0f} | "
+            f"{_f(f['transport_ms']['p50_ms'], 2)} | {_f(f['transport_ms']['p99_ms'], 2)} | "
+            f"{f['received']} |",
+            f"| geometry only | {g['bytes_per_message']:.0f} | {_f(g['transport_ms']['p50_ms'], 2)} | "
+            f"{_f(g['transport_ms']['p99_ms'], 2)} | {g['received']} |",
+            "",
+            f"{tr['bytes_ratio']:.0f}x fewer bytes per frame.",
+        ]
+    lines.append("")
+    return lines
 
 
 def faults_markdown(fa: dict[str, Any], image_prefix: str) -> list[str]:

@@ -70,6 +70,7 @@ class BenchOptions:
     checkpoint: str | None = None
     threads: int = 0
     quick: bool = False
+    geometry: bool = True  # the geometry stage's cost, flicker and geometry-only transport (geometry.py)
     soak_minutes: float | None = None
     soak_interval_s: float = 10.0
     soak_engine: str | None = None
@@ -264,6 +265,7 @@ def start_group(
     prompts: Sequence[str],
     max_seconds: float,
     publish_endpoint: str | None = None,
+    publish_extra: dict[str, Any] | None = None,
 ) -> Group:
     gdir = Path(tempfile.mkdtemp(prefix=tag[:20] + "-", dir=work))
     masks, control = publish_endpoint or f"ipc://{gdir}/masks", f"ipc://{gdir}/control"
@@ -280,6 +282,7 @@ def start_group(
             "endpoints": [masks],
             "downsample": opts.downsample,
             "mask_encoding": opts.mask_encoding,
+            **(publish_extra or {}),  # e.g. include_image for the web viewer's cost run
         },
         "control": {"endpoint": control},
         "prompts": list(prompts),
@@ -620,6 +623,12 @@ def run_bench(opts: BenchOptions, progress: Any = print) -> dict[str, Any]:
             engines, skipped = resolve_engines(opts, bundle.model)
             result["config"]["engines"] = engines
             result["config"]["engines_skipped"] = skipped
+            if opts.geometry:
+                from .geometry import run_geometry_bench
+
+                result["geometry"] = run_geometry_bench(
+                    bundle, frames, PROMPT_TEXTS[: max(opts.prompts)], opts.quick, progress
+                )
             progress("floor: counting FLOPs and timing matmul ...")
             result["floor"] = floor_report(
                 bundle.model, opts.prompts, opts.floor_seconds, text_encoder=bundle.text_encoder
