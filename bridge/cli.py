@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -109,7 +110,7 @@ def cmd_web(args: argparse.Namespace) -> int:
     import asyncio
 
     try:
-        from .web import WebOptions, page_url, serve
+        from .web import WebOptions, check_options, page_url, serve
     except ImportError as exc:
         raise ImportError(f"{exc}; the viewer needs the web extra: pip install './bridge[web]'") from exc
 
@@ -138,6 +139,9 @@ def cmd_web(args: argparse.Namespace) -> int:
         max_fps=args.max_fps,
         jpeg_quality=args.jpeg_quality,
     )
+    check_options(opts)
+    if args.nice:  # before any thread exists, so every thread of the viewer inherits it
+        os.nice(args.nice)
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -195,6 +199,13 @@ def add_bridge_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--curve-server-key", help="the node's public CURVE NAME.key")
     p.add_argument("--max-fps", type=float, default=30.0, help="frames per second sent to each tab at most")
     p.add_argument("--jpeg-quality", type=int, default=80, help="display image JPEG quality (1-95)")
+    p.add_argument(
+        "--nice",
+        type=int,
+        default=10,
+        help="lower the viewer's CPU priority by this much (default 10) so that, on the node's machine, "
+        "the node always comes first; 0 leaves it",
+    )
     p.add_argument(
         "--show-patient-identifiers",
         action="store_true",

@@ -62,6 +62,7 @@ LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 # What a page may ask the node for. "shutdown" and "flow" are for operators' tools, not a page.
 PAGE_COMMANDS = ("add", "remove", "set", "list")
 MAX_PAGE_MESSAGE = 64 * 1024
+MAX_PENDING_COMMANDS = 4  # per tab: a page that floods commands gets "busy", not a growing queue
 NODE_STATUS_KEYS = (
     "stream",
     "model",
@@ -460,6 +461,12 @@ class Viewer:
                 kind = data.get("type") if isinstance(data, dict) else None
                 if kind == "ack":
                     tab.credit = min(CREDIT, tab.credit + 1)
+                    tab.wake.set()
+                elif kind == "command" and len(pending) >= MAX_PENDING_COMMANDS:
+                    rid = data.get("id")
+                    busy = _error("busy", f"{MAX_PENDING_COMMANDS} commands are still waiting for the node")
+                    reply = {"type": "reply", "id": rid, "request": None, "reply": busy}
+                    tab.outbox.append(json.dumps(reply))
                     tab.wake.set()
                 elif kind == "command":
                     task = asyncio.create_task(self._command(tab, data))
