@@ -51,6 +51,10 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
     pub: dict[str, Any] = {}
     if args.publish:
         pub["endpoints"] = args.publish
+    if args.publish_geometry:
+        pub["geometry_endpoints"] = args.publish_geometry
+    if args.publish_v1:
+        pub["v1_endpoints"] = args.publish_v1
     if args.downsample is not None:
         pub["downsample"] = args.downsample
     if args.mask_encoding:
@@ -63,6 +67,8 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
         o["control"] = {"endpoint": None if args.control == "none" else args.control}
     if args.prompt:
         o["prompts"] = args.prompt
+    if args.smoothing is not None:
+        o["geometry"] = {"smoothing": args.smoothing}
     return o
 
 
@@ -445,6 +451,15 @@ def add_node_commands(sub: Any) -> None:
     serve.add_argument("--config", help="node settings YAML (configs/node/*.yaml); flags override it")
     serve.add_argument("--source", help="dicom://HOST:PORT | video:PATH_OR_INDEX | replay:PATH[@FPS]")
     serve.add_argument("--publish", action="append", help="PUB endpoint, tcp:// or ipc:// (repeatable)")
+    serve.add_argument(
+        "--publish-geometry", action="append", help="PUB endpoint for geometry-only messages (repeatable)"
+    )
+    serve.add_argument(
+        "--publish-v1", action="append", help="PUB endpoint speaking protocol version 1 (repeatable)"
+    )
+    serve.add_argument(
+        "--smoothing", type=float, help="temporal smoothing weight of the past, 0 (off, default) to <1"
+    )
     serve.add_argument("--control", help="control endpoint (REP), or 'none'")
     serve.add_argument("--prompt", action="append", help="initial prompt (repeatable)")
     serve.add_argument("--stream", help="stream name (the message topic)")
