@@ -153,9 +153,13 @@ def outline_mask(
     h = hier[0].tolist()
     d2 = d * d
     outers = [k for k, e in enumerate(h) if e[3] == -1]
-    # Pick's theorem per contour; a hole's contour runs through the part's own pixels, so only
-    # its A - B/2 + 1 inner pixels are removed.
-    areas = _pixel_areas(contours, dense)
+    if len(outers) == 1:  # one part: the pixels inside its bounding box are all its own
+        bx, by, bw, bh = cv2.boundingRect(contours[outers[0]])
+        count = cv2.countNonZero(m[by : by + bh, bx : bx + bw])
+        areas = None
+    else:  # Pick's theorem per contour; a hole's contour runs through the part's own pixels, so
+        # only its A - B/2 + 1 inner pixels are removed
+        areas = _pixel_areas(contours, dense)
     found = []  # (pixel area in mask pixels, outer index, hole indices)
     for k in outers:
         holes = []
@@ -163,11 +167,14 @@ def outline_mask(
         while child != -1:
             holes.append(child)
             child = h[child][0]
-        found.append((areas[k][0] - sum(areas[j][1] for j in holes), k, holes))
-    count = round(sum(f[0] for f in found))
-    span = np.concatenate([contours[k] for k in outers]).reshape(-1, 2)
-    bx, by = (int(v) for v in span.min(axis=0))
-    bw, bh = (int(v) + 1 for v in span.max(axis=0) - (bx, by))
+        found.append(
+            (float(count) if areas is None else areas[k][0] - sum(areas[j][1] for j in holes), k, holes)
+        )
+    if areas is not None:
+        count = round(sum(f[0] for f in found))
+        span = np.concatenate([contours[k] for k in outers]).reshape(-1, 2)
+        bx, by = (int(v) for v in span.min(axis=0))
+        bw, bh = (int(v) + 1 for v in span.max(axis=0) - (bx, by))
     found.sort(key=lambda f: -f[0])
     min_px = settings.min_instance_px / d2
     kept = [f for f in found if f[0] >= min_px][: settings.max_instances]
@@ -226,7 +233,8 @@ def outline_mask(
         g.centroid = (sx / weight, sy / weight)
     else:
         g.absent["instances"] = f"every part is smaller than {settings.min_instance_px} px"
-        g.centroid = tuple(float(v) for v in to_source(span.mean(axis=0), d))  # specks: their pixels
+        pts = np.concatenate([contours[k] for k in outers]).reshape(-1, 2)
+        g.centroid = tuple(float(v) for v in to_source(pts.mean(axis=0), d))  # specks: their pixels
     return out
 
 

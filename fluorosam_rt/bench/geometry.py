@@ -98,9 +98,10 @@ def synthetic_anatomy(k: int = 10, L: int = 256, shift: float = 0.0) -> tuple[li
 
 
 def model_mask_frames(
-    bundle: Any, frames: Sequence[np.ndarray], texts: Sequence[str]
+    bundle: Any, frames: Sequence[np.ndarray], texts: Sequence[str], downsample: int = 1
 ) -> list[tuple[list, list]]:
-    """The embedded model's masks (and the node's ROI bounds) for texts on each frame."""
+    """The embedded model's masks (and the node's ROI bounds) for texts on each frame, at the
+    node's published size for ``downsample`` (publish.downsample)."""
     from ..predictor import Predictor
 
     p = Predictor(bundle.model, bundle.text_encoder, cache=bundle.prompt_cache(), presence_threshold=-1e9)
@@ -110,7 +111,7 @@ def model_mask_frames(
         p.set_image(f)
         low, iou = p.predict_low_res([NS(text=t, points=(), labels=()) for t in texts])
         chosen = low[torch.arange(len(texts)), iou.argmax(dim=1)]
-        hw = f.shape[:2]
+        hw = (-(-f.shape[0] // downsample), -(-f.shape[1] // downsample))
         logits = p.postprocess(chosen, hw)
         masks = [(logits[i] > p.mask_threshold).view(np.uint8) for i in range(len(texts))]
         rois = support_rois(chosen, p.mask_threshold, p.engine.img_size, p.info.resized_hw, hw)
@@ -122,9 +123,14 @@ def model_mask_frames(
 
 
 def time_stage(
-    texts: Sequence[str], frames: Sequence[tuple[list, list]], image_hw: tuple[int, int], repeats: int
+    texts: Sequence[str],
+    frames: Sequence[tuple[list, list]],
+    image_hw: tuple[int, int],
+    repeats: int,
+    downsample: int = 1,
 ) -> dict[str, Any]:
-    """Per sub-stage wall ms (the stage's own clock) and the whole stage's thread CPU ms."""
+    """Per sub-stage wall ms (the stage's own clock) and the whole stage's thread CPU ms, with its
+    minimum (what the stage costs on a core nobody else wants)."""
     stage = GeometryStage(GeometryOptions(), default_linear_tools())
     prompts = [NS(id=t, text=t) for t in texts]
     meta = {"ImagerPixelSpacing": [0.2, 0.2]}
@@ -135,7 +141,7 @@ def time_stage(
         for masks, rois in frames:
             c0 = time.thread_time_ns()
             stage.begin_frame(image, meta)
-            g = stage.process(prompts, masks, present, 1, image_hw, meta, rois)
+            g = stage.process(prompts, masks, present, downsample, image_hw, meta, rois)
             cpu.append((time.thread_time_ns() - c0) / 1e6)
             if r == 0:
                 n_inst.append(sum(len(x.instances) for x in g))
@@ -145,6 +151,8 @@ def time_stage(
     wall["total"] = _stats(rows.sum(axis=1) / 1e6)
     return {
         "prompts": len(texts),
+        "downsample": downsample,
+        "cpu_min_ms": float(min(cpu)),
         "frames": len(frames),
         "calls": len(cpu),
         "wall_ms": wall,
@@ -417,6 +425,9 @@ def run_geometry_bench(bundle: Any, frames: Sequence[np.ndarray], texts: Sequenc
     progress(f"geometry: cost for {len(texts)} prompts on the model's masks at {size}² ...")
     mm = model_mask_frames(bundle, frames[: 8 if quick else 16], texts)
     result["cost_model_masks"] = time_stage(texts, mm, frames[0].shape[:2], repeats)
+    progress("geometry: the same, masks published at half resolution (publish.downsample 2) ...")
+    mm2 = model_mask_frames(bundle, frames[: 8 if quick else 16], texts, downsample=2)
+    result["cost_model_masks_d2"] = time_stage(texts, mm2, frames[0].shape[:2], repeats, downsample=2)
     progress("geometry: cost on synthetic anatomy with ribs and a K-wire ...")
     synth = []
     for s in range(8):  # the structures drift 1 low-res px per frame: tracking has work to do
