@@ -124,9 +124,9 @@ def test_header_with_inconsistent_sizes_is_rejected():
 def test_bridge_imports_only_numpy_zmq_msgpack():
     """Static: no module in bridge/ imports anything outside the allowed set (torch above all)."""
     allowed = {"numpy", "zmq", "msgpack", "bridge", "__future__"} | set(sys.stdlib_module_names)
-    # The optional relays (bridge extra: pyigtl, highdicom) are checked against their declared
-    # extras, and for torch, in tests/test_bridge.py.
-    optional = {"igtl_relay.py", "seg_archive.py"}
+    # The optional relays and the web viewer (extras: pyigtl, highdicom, aiohttp/Pillow) are
+    # checked against their declared extras, and for torch, in tests/test_bridge.py.
+    optional = {"igtl_relay.py", "seg_archive.py", "web.py", "web_packet.py"}
     for path in (p for p in BRIDGE.glob("*.py") if p.name not in optional):
         for node in ast.walk(ast.parse(path.read_text())):
             names = []
