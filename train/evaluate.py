@@ -15,6 +15,7 @@ import argparse
 import itertools
 import json
 import math
+import zlib
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,6 +53,14 @@ class EvalOptions:
     cases: str = "all"  # all | even | odd (calibration / held-out halves of one split)
     absent: bool = True
     structures: tuple[str, ...] = ()  # restrict to these names (empty: all)
+    max_absent: int = 0  # absent prompts per case: all (0) or a deterministic sample of this many
+    # Structures known to be absent from every case of a labelled folder that did not annotate them
+    # (e.g. lower-limb bones on chest radiographs); prompts come from the vocabulary. Present wins.
+    assume_absent: tuple[str, ...] = ()
+    phrasings: str = "canonical"  # canonical | heldout (also decode held-out phrasings: paraphrase_eval)
+    max_phrasings: int = 0  # held-out phrasings per structure: all (0) or a deterministic sample
+    phrasing_structures: tuple[str, ...] = ()  # paraphrase-evaluate only these (empty: all present)
+    paraphrase_floor: float = 0.5  # canonical Dice a structure needs to enter the overall paraphrase drop
 
 
 def _case_indices(ds: XrayDataset, opt: EvalOptions) -> list[int]:
@@ -65,11 +74,48 @@ def _case_indices(ds: XrayDataset, opt: EvalOptions) -> list[int]:
     return idx
 
 
-def run_cases(predictor, ds: XrayDataset, opt: EvalOptions, progress: bool = True) -> list[dict[str, Any]]:
-    """One row per (case, structure) with text-only and click metrics; absent prompts included."""
+def _sample_absent(names: list[str], case_id: str, k: int) -> list[str]:
+    """All absent names, or k of them drawn by a stream seeded from the case id (run-independent)."""
+    if k <= 0 or len(names) <= k:
+        return names
+    rng = np.random.default_rng(zlib.crc32(case_id.encode("utf-8")))
+    keep = sorted(rng.choice(len(names), size=k, replace=False).tolist())
+    return [names[i] for i in keep]
+
+
+def _add_assumed_absent(ds: XrayDataset, names: Sequence[str]) -> None:
+    """Give assumed-absent names the vocabulary's canonical prompt where the data set has none."""
+    from train.data import StructureInfo
+    from train.synth.vocabulary import Vocabulary
+
+    voc = Vocabulary.load()
+    for n in names:
+        if n not in ds.structures:
+            c = voc.get(n)  # raises with the closest names for an unknown one
+            ds.structures[n] = StructureInfo(c.name, c.prompt, c.phrasings, c.kind)
+
+
+def run_cases(
+    predictor,
+    ds: XrayDataset,
+    opt: EvalOptions,
+    progress: bool = True,
+    paraphrase_rows: list[dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """One row per (case, structure) with text-only and click metrics; absent prompts included.
+
+    With ``opt.phrasings == "heldout"`` and a ``paraphrase_rows`` list, each present structure's
+    held-out phrasings are decoded in the same batch and one row per (case, structure) is appended
+    there (``train.paraphrase_eval``).
+    """
     from tqdm import tqdm
 
+    from train.paraphrase_eval import heldout_phrasings
+
+    _add_assumed_absent(ds, opt.assume_absent)
     rows: list[dict[str, Any]] = []
+    para_on = opt.phrasings == "heldout" and paraphrase_rows is not None
+    phrasing_cache: dict[str, tuple[str, ...]] = {}
     for i in tqdm(_case_indices(ds, opt), desc="eval", unit="img", disable=not progress):
         case = ds.load(i)
         meta = ds.case_meta(i)
@@ -80,17 +126,28 @@ def run_cases(predictor, ds: XrayDataset, opt: EvalOptions, progress: bool = Tru
         absent = [
             n for n in case.absent if n in ds.structures and (not opt.structures or n in opt.structures)
         ]
-        if not opt.absent:
-            absent = []
+        absent += [n for n in opt.assume_absent if n not in case.masks and n not in absent]
+        absent = _sample_absent(absent, case.id, opt.max_absent) if opt.absent else []
         prompts = [ds.structures[n].prompt for n in names + absent]
         if not prompts:
             continue
+        para: list[tuple[str, str]] = []  # (structure, held-out phrasing)
+        if para_on:
+            for n in names:
+                if opt.phrasing_structures and n not in opt.phrasing_structures:
+                    continue
+                if n not in phrasing_cache:
+                    phrasing_cache[n] = heldout_phrasings(n, ds.structures[n].prompt, opt.max_phrasings)
+                para += [(n, t) for t in phrasing_cache[n]]
         predictor.set_image(pix)
-        results = predictor.predict(prompts, return_logits=bool(opt.clicks))
+        everything = predictor.predict(prompts + [t for _, t in para], return_logits=bool(opt.clicks))
+        results, para_results = everything[: len(prompts)], everything[len(prompts) :]
         flags = {k: v for k, v in meta.items() if isinstance(v, bool)}
+        canon: dict[str, float] = {}
         for n, r in zip(names, results[: len(names)]):
             target = case.masks[n]
             d, j = dice_iou(r.mask, target)
+            canon[n] = d
             rows.append(
                 {
                     "case": case.id,
@@ -118,6 +175,20 @@ def run_cases(predictor, ds: XrayDataset, opt: EvalOptions, progress: bool = Tru
                     "false_positive": bool(r.present and r.mask.any()),
                 }
             )
+        if para:
+            by_name: dict[str, dict[str, float]] = {}
+            for (n, t), r in zip(para, para_results):
+                by_name.setdefault(n, {})[t] = dice_iou(r.mask, case.masks[n])[0]
+            for n, dices in by_name.items():
+                paraphrase_rows.append(
+                    {
+                        "case": case.id,
+                        "structure": n,
+                        "canonical": ds.structures[n].prompt,
+                        "dice_canonical": canon[n],
+                        "phrasings": dices,
+                    }
+                )
         if opt.clicks and names:
             _click_rounds(predictor, ds, case, names, results[: len(names)], rows, opt.clicks)
     return rows
@@ -258,6 +329,38 @@ def print_table(summary: dict[str, Any], title: str = "evaluation") -> None:
     )
 
 
+def print_paraphrase(para: dict[str, Any]) -> None:
+    """Per-structure canonical vs held-out-phrasing Dice, the overall drop and the worst phrasings."""
+    from rich.console import Console
+    from rich.table import Table
+
+    def f(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    t = Table(
+        title=f"held-out phrasings (overall drop over structures with canonical Dice >= {para['floor']})"
+    )
+    for col in ("structure", "n", "canonical", "paraphrases", "drop", "worst phrasing"):
+        t.add_column(col, justify="left" if col in ("structure", "worst phrasing") else "right")
+    for name, v in para["per_structure"].items():
+        mark = "" if v["above_floor"] else " *"
+        t.add_row(
+            name + mark,
+            str(v["n"]),
+            f(v["dice_canonical"]),
+            f(v["dice_paraphrase"]),
+            f(v["relative_drop"]),
+            v["worst_phrasing"] or "-",
+        )
+    o = para["overall"]
+    con = Console()
+    con.print(t)
+    con.print(
+        f"paraphrase relative Dice drop {f(o['relative_drop'])} over {o['n_structures']} structures "
+        f"(max {f(o['max_relative_drop'])}; {o['n_structures_below_floor']} below the floor, marked *)"
+    )
+
+
 def save_montage(
     predictor, ds: XrayDataset, rows: list[dict[str, Any]], path: Path, n: int = 4
 ) -> Path | None:
@@ -365,7 +468,11 @@ def calibrate(predictor, ds: XrayDataset, opt: EvalOptions, max_fpr: float = 0.0
     saved = predictor.presence_threshold
     predictor.presence_threshold = -math.inf
     o = EvalOptions(
-        clicks=(), min_area_fraction=opt.min_area_fraction, max_cases=opt.max_cases, cases=opt.cases
+        clicks=(),
+        min_area_fraction=opt.min_area_fraction,
+        max_cases=opt.max_cases,
+        cases=opt.cases,
+        max_absent=opt.max_absent,
     )
     rows = run_cases(predictor, ds, o, progress=False)
     predictor.presence_threshold = saved
@@ -403,7 +510,8 @@ def evaluate(
             ds.override_prompts(json.loads(Path(prompts).read_text(encoding="utf-8")))
     else:
         ds = open_dataset(data, prompts)
-    rows = run_cases(predictor, ds, opt, progress=progress)
+    para_rows: list[dict[str, Any]] = []
+    rows = run_cases(predictor, ds, opt, progress=progress, paraphrase_rows=para_rows)
     summary = summarize(rows, opt.clicks)
     result = {
         "checkpoint": bundle.source,
@@ -411,11 +519,26 @@ def evaluate(
         "data": str(data),
         "split": split if is_fluoroseg(data) else None,
         "presence_threshold": predictor.presence_threshold,
+        "options": {
+            "max_cases": opt.max_cases,
+            "cases": opt.cases,
+            "max_absent": opt.max_absent,
+            "assume_absent": list(opt.assume_absent),
+            "min_area_fraction": opt.min_area_fraction,
+            "phrasings": opt.phrasings,
+        },
         **summary,
-        "cases": rows,
     }
+    if opt.phrasings == "heldout":
+        from train.paraphrase_eval import summarize_paraphrase
+
+        result["paraphrase"] = summarize_paraphrase(para_rows, opt.paraphrase_floor, opt.max_phrasings)
+        result["paraphrase_cases"] = para_rows
+    result["cases"] = rows
     if table:
         print_table(summary, title=f"{bundle.name} on {data}")
+        if "paraphrase" in result:
+            print_paraphrase(result["paraphrase"])
     out = Path(out_dir) if out_dir else (Path(out_json).parent if out_json else None)
     if out is not None:
         stem = Path(out_json).stem if out_json else "eval"
@@ -431,12 +554,22 @@ def evaluate(
 
 def run_eval(args: argparse.Namespace) -> int:
     clicks = tuple(int(c) for c in args.clicks.split(",") if c.strip())
+
+    def names(text: str) -> tuple[str, ...]:
+        return tuple(s.strip() for s in text.split(",") if s.strip())
+
     opt = EvalOptions(
         clicks=clicks,
         min_area_fraction=args.min_area,
         max_cases=args.max_cases,
         cases=args.cases,
-        structures=tuple(s.strip() for s in args.structures.split(",") if s.strip()),
+        structures=names(args.structures),
+        max_absent=args.max_absent,
+        assume_absent=names(args.assume_absent),
+        phrasings=args.phrasings,
+        max_phrasings=args.max_phrasings,
+        phrasing_structures=names(args.phrasing_structures),
+        paraphrase_floor=args.paraphrase_floor,
     )
     if args.calibrate:
         if not args.checkpoint:
@@ -458,17 +591,49 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def calibration_bodies(roots: Sequence[str | Path], split: str) -> tuple[list[str], list[str]]:
+    """Bodies whose views a FluoroSeg split holds, and those of them that are held out (case.json).
+
+    Cases written before per-case bodies were recorded (or by the toy writer) name none.
+    """
+    from train.fluoroseg import fluoroseg_roots
+
+    bodies: set[str] = set()
+    heldout: set[str] = set()
+    for data in roots:
+        for root in fluoroseg_roots(data):
+            for sp in ("train", "val") if split == "all" else (split,):
+                f = root / f"{sp}.txt"
+                if not f.is_file():
+                    continue
+                for case in (ln.strip() for ln in f.read_text().splitlines() if ln.strip()):
+                    info = json.loads((root / case / "case.json").read_text(encoding="utf-8"))
+                    if info.get("body"):
+                        bodies.add(str(info["body"]))
+                        if info.get("heldout_body"):
+                            heldout.add(str(info["body"]))
+    return sorted(bodies), sorted(heldout)
+
+
 def calibrate_checkpoint(
     checkpoint: str, data: str | Sequence[str], split: str, opt: EvalOptions, max_fpr: float = 0.05
 ) -> float:
     """Calibrate on FluoroSeg split(s) and rewrite the native checkpoint with the threshold in its meta.
 
     Several roots are pooled: a gate calibrated on C-arm views alone need not hold on radiographs.
+    Views of a held-out body are refused: its absent-prompt false-positive rate is a test figure, and
+    a threshold fitted on it would tune on the test set. The bodies covered are stored in the meta.
     """
     from fluorosam_rt.checkpoint import load_native, save_native
     from train.fluoroseg import FluoroSegDataset
 
     roots = [data] if isinstance(data, str) else list(data)
+    bodies, heldout = calibration_bodies(roots, split)
+    if heldout:
+        raise SystemExit(
+            f"calibration data holds views of held-out bodies ({', '.join(heldout)}); "
+            "calibrate on training bodies only (e.g. the eval suite's calib set)"
+        )
     sets = [FluoroSegDataset(r, split) for r in roots]
     predictor, _ = make_predictor(checkpoint)
     t = calibrate(predictor, sets[0] if len(sets) == 1 else ConcatXray(sets), opt, max_fpr)
@@ -479,7 +644,10 @@ def calibrate_checkpoint(
         "data": [str(r) for r in roots],
         "split": split,
         "cases": opt.cases,
+        "max_cases": opt.max_cases,
+        "max_absent": opt.max_absent,
         "max_fpr": max_fpr,
+        "bodies": bodies,
     }
     save_native(nm.model, checkpoint, nm.text_encoder, meta)
     return float(t)

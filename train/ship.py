@@ -4,7 +4,10 @@
 
 1. The presence threshold is calibrated on the synthetic validation split(s) (the even-numbered
    images, so the odd ones stay a held-out check of the false-positive rate) and written into
-   the file's metadata, which is where ``load_bundle`` reads it.
+   the file's metadata, which is where ``load_bundle`` reads it. Views of a held-out body are
+   refused; training bodies the data lacks are named (``training_bodies_missing``). The eval
+   suite's calibration set covers every training body: ``--calib-data out/eval_sets/calib --cases all``
+   (``train/eval_suite.py``).
 2. The file is copied to ``fluorosam_rt/assets/default_model.safetensors`` (size checked).
 3. The prompt tokens of every vocabulary phrasing are precomputed into
    ``fluorosam_rt/assets/prompt_cache/``, keyed by the model's token identity; ``load_bundle``
@@ -35,6 +38,9 @@ def ship(
     from train.synth.vocabulary import DEFAULT_VOCABULARY
 
     t = calibrate_checkpoint(checkpoint, calib_data, "val", EvalOptions(clicks=(), cases=cases), max_fpr)
+    missing = _missing_training_bodies(checkpoint)
+    if missing:
+        print(f"warning: the calibration data has no views of the training bodies {', '.join(missing)}")
     size = Path(checkpoint).stat().st_size
     if size > MAX_BYTES:
         raise SystemExit(f"{checkpoint} is {size / 2**20:.1f} MiB; the embedded model must be <= 25 MiB")
@@ -58,6 +64,7 @@ def ship(
     hints_path = hints.save(cache_dir / table_filename(hints.identity))
     return {
         "presence_threshold": t,
+        "training_bodies_missing": missing,
         "model": str(DEFAULT_MODEL_PATH),
         "bytes": size,
         "prompt_cache": str(cache.path),
@@ -65,6 +72,21 @@ def ship(
         "prompt_hints": str(hints_path),
         "prompt_hints_calibration": hints.calibration,
     }
+
+
+def _missing_training_bodies(checkpoint: str) -> list[str]:
+    """Built training bodies with no view in the calibration data just recorded in the checkpoint."""
+    from fluorosam_rt.checkpoint import load_native
+    from train.synth.body_choice import _registry_names
+    from train.synth.ct_source import CTInputError
+
+    try:
+        bodies = set(_registry_names("all"))
+    except CTInputError:  # no body built here (e.g. a toy checkout): nothing to cover
+        return []
+    return sorted(
+        bodies - set(load_native(checkpoint).meta.get("presence_calibration", {}).get("bodies", []))
+    )
 
 
 def main() -> int:

@@ -52,6 +52,42 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cases", choices=["all", "even", "odd"], default="all")
     p.add_argument("--structures", default="", help="comma-separated structure names to evaluate")
     p.add_argument(
+        "--max-absent",
+        type=int,
+        default=0,
+        help="absent prompts per image: all (0) or a sample of this many, fixed by the case id",
+    )
+    p.add_argument(
+        "--assume-absent",
+        default="",
+        help="comma-separated vocabulary names absent from every image of a labelled folder that did "
+        "not annotate them (e.g. lower-limb bones on chest radiographs); adds absent prompts",
+    )
+    p.add_argument(
+        "--phrasings",
+        choices=["canonical", "heldout"],
+        default="canonical",
+        help="heldout: also decode each present structure with the vocabulary's held-out phrasings and "
+        "report the relative Dice drop (JSON key paraphrase; train/paraphrase_eval.py)",
+    )
+    p.add_argument(
+        "--max-phrasings",
+        type=int,
+        default=0,
+        help="held-out phrasings per structure (0: all; else a fixed sample)",
+    )
+    p.add_argument(
+        "--phrasing-structures",
+        default="",
+        help="comma-separated names to paraphrase (default: every present one)",
+    )
+    p.add_argument(
+        "--paraphrase-floor",
+        type=float,
+        default=0.5,
+        help="canonical Dice a structure needs to enter the overall paraphrase drop",
+    )
+    p.add_argument(
         "--calibrate",
         action="store_true",
         help="calibrate the presence threshold on this data and store it in --checkpoint",
