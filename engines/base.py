@@ -26,10 +26,15 @@ class EngineError(RuntimeError):
 
 @dataclass(frozen=True)
 class GraphDims:
-    """The model sizes the graphs' shapes are made of."""
+    """The model sizes the graphs' shapes are made of.
+
+    ``embed_dim`` is the prompt tokens' width; ``embedding_channels`` the image embedding's,
+    which is wider when the encoder packs high-resolution features into it (v2: 128 + 1024).
+    """
 
     img_size: int
     embed_dim: int
+    embedding_channels: int
     embedding_size: int
     low_res_size: int
     num_masks: int
@@ -39,6 +44,7 @@ class GraphDims:
         return cls(
             img_size=model.img_size,
             embed_dim=model.cfg.prompt_encoder.embed_dim,
+            embedding_channels=model.embedding_channels,
             embedding_size=model.cfg.image_encoder.embedding_size,
             low_res_size=model.low_res_size,
             num_masks=model.mask_decoder.num_multimask_outputs,
@@ -46,11 +52,12 @@ class GraphDims:
 
     def shapes(self, graph: str, k: int = 1, n: int = 1) -> dict[str, Shape]:
         """Every I/O tensor's shape for K prompts with N clicks each."""
-        s, c, e, l, m = self.img_size, self.embed_dim, self.embedding_size, self.low_res_size, self.num_masks
+        s, e, l, m = self.img_size, self.embedding_size, self.low_res_size, self.num_masks
+        c, ce = self.embed_dim, self.embedding_channels
         if graph == "encoder":
-            return {"image": (1, 3, s, s), "embedding": (1, c, e, e)}
+            return {"image": (1, 3, s, s), "embedding": (1, ce, e, e)}
         out = {
-            "embedding": (1, c, e, e),
+            "embedding": (1, ce, e, e),
             "tokens": (k, c),
             "low_res_logits": (k, m, l, l),
             "iou": (k, m),

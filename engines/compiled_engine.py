@@ -101,13 +101,14 @@ class TorchCompiledEngine(Engine):
         self.cuda_graphs = cuda_graphs
         self.k_buckets = tuple(sorted(k_buckets))
         self.compile_backend = compile_backend
-        # A private copy: casting to fp16 must not change the caller's (prompt-path) model.
+        # A private copy: casting to fp16 and folding BatchNorm (small and v2 encoders) must not
+        # change the caller's (prompt-path, trainable) model.
         m = copy.deepcopy(model).eval().to(self.device)
+        m.image_encoder.fuse_for_inference()
         m.image_encoder.to(self.dtype)
         m.mask_decoder.to(self.dtype)
         self._model_name = m.cfg.name
         self.dims = GraphDims.of(m)
-        self._embed_dim = m.cfg.prompt_encoder.embed_dim
         self.encoder = FrameEncoder(m, self.dtype).eval()
         self.decoder = FrameDecoder(m, self.dtype).to(self.device).eval()
         self._enc: Callable[..., Any] = self.encoder

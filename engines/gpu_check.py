@@ -1,7 +1,7 @@
 """GPU check for the lent H200: parity of the CUDA back ends and per-frame latency, one run.
 
-For the official Swin-L architecture and the small default model (random weights: timing and
-parity do not need trained ones) it compares, in the same process: fp32 eager, fp16 and bf16
+For the official Swin-L architecture, the small default model and the v2 model (random weights:
+timing and parity do not need trained ones) it compares, in the same process: fp32 eager, fp16 and bf16
 eager, torch.compile (fp16) and torch.compile + CUDA graphs (fp16), and TensorRT where it
 imports. Parity is against CPU fp32 PyTorch; latency is median and p99 of CUDA-event timings
 after warm-up, for image encode and for decoding 1, 3 and 10 prompts. Results go to one JSON.
@@ -27,13 +27,22 @@ from typing import Any
 import torch
 
 from fluorosam_rt.model.build import build_model
-from fluorosam_rt.model.config import official_swin_l, small_realtime
+from fluorosam_rt.model.config import ModelConfig, official_swin_l, realtime_v2, small_realtime
 from fluorosam_rt.model.sam import FluoroSAM
 
-from .base import Engine
+from .base import Engine, GraphDims
 
 # Mask agreement with CPU fp32 that each precision must reach (fraction of low-res pixels).
 AGREEMENT_MIN = {"fp32": 0.999, "fp16": 0.98, "bf16": 0.97}
+# --models names. v2's image embedding is 128 + 1024 channels wide (the high-res features are
+# packed into it), so its encoder output and decoder input are not the prompt width.
+PRESETS: dict[str, Callable[[], ModelConfig]] = {
+    "small": small_realtime,
+    "v2": realtime_v2,
+    "official": official_swin_l,
+    "tiny": lambda: small_realtime(128),
+    "v2-tiny": lambda: realtime_v2(128),
+}
 
 
 def timer(device: torch.device, fn: Callable[[], Any], runs: int, warmup: int) -> dict[str, float]:
@@ -83,6 +92,8 @@ def _variants(device: torch.device, compile_backend: str, with_compile: bool) ->
 
 def _parity(engine: Engine, ref: dict[str, torch.Tensor], precision: str) -> dict[str, Any]:
     emb = engine.encode_image(ref["x"])
+    if tuple(emb.shape) != tuple(ref["emb"].shape):
+        raise AssertionError(f"embedding {tuple(emb.shape)} != the model's {tuple(ref['emb'].shape)}")
     low, iou = engine.decode(emb, ref["tokens"], ref["coords"], ref["labels"])
     low2, _ = engine.decode(emb, ref["tokens"])
     low, iou, low2, emb = (t.float().cpu() for t in (low, iou, low2, emb))
@@ -103,12 +114,15 @@ def _parity(engine: Engine, ref: dict[str, torch.Tensor], precision: str) -> dic
 @torch.inference_mode()
 def _reference(model: FluoroSAM, k: int = 3) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    s, c = model.img_size, model.cfg.prompt_encoder.embed_dim
+    dims = GraphDims.of(model)
+    s = dims.img_size
     x = torch.randn((1, 3, s, s), generator=g)
-    tokens = torch.randn((k, c), generator=g)
+    tokens = torch.randn(dims.shapes("decoder", k)["tokens"], generator=g)  # prompt width
     coords = torch.rand((k, 2, 2), generator=g) * (s - 1)
     labels = torch.tensor([[1.0, 0.0]] * k)
     emb = model.encode_image(x)
+    if tuple(emb.shape) != dims.shapes("encoder")["embedding"]:  # embedding_channels wide
+        raise AssertionError(f"{model.cfg.name}: embedding {tuple(emb.shape)} != {dims.shapes('encoder')}")
     low, iou = model.decode(emb, tokens, coords.double(), labels)
     low_text, _ = model.decode(emb, tokens)
     return {
@@ -131,9 +145,16 @@ def check_model(
 
     ref = _reference(model)
     counts = [int(k) for k in args.prompts.split(",")]
-    c, s = model.cfg.prompt_encoder.embed_dim, model.img_size
+    dims = GraphDims.of(model)
+    s = dims.img_size
     x = torch.randn((1, 3, s, s), device=device)
-    res: dict[str, Any] = {"config": model.cfg.name, "img_size": s, "variants": {}}
+    res: dict[str, Any] = {
+        "config": model.cfg.name,
+        "img_size": s,
+        "embedding": list(dims.shapes("encoder")["embedding"]),
+        "low_res_size": dims.low_res_size,
+        "variants": {},
+    }
     engine: Engine | None = None
     for label, precision, kw in _variants(device, args.compile_backend, not args.no_compile):
         if time.monotonic() > deadline:
@@ -158,7 +179,7 @@ def check_model(
             emb = engine.encode_image(x)
             out["decode"] = {}
             for k in counts:
-                tok = torch.randn((k, c), device=device)
+                tok = torch.randn(dims.shapes("decoder", k)["tokens"], device=device)
                 out["decode"][str(k)] = timer(
                     device, lambda e=engine, t=tok, m=emb: e.decode(m, t), args.runs, args.warmup
                 )
@@ -197,7 +218,11 @@ def _trt_section(model: FluoroSAM, device: torch.device, ref: dict[str, torch.Te
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
-    p.add_argument("--models", default="small,official", help="comma list: small, official, tiny (128 px)")
+    p.add_argument(
+        "--models",
+        default="small,v2,official",
+        help="comma list: small, v2, official; tiny and v2-tiny (128 px) for dry runs",
+    )
     p.add_argument("--prompts", default="1,3,10")
     p.add_argument("--runs", type=int, default=100)
     p.add_argument("--warmup", type=int, default=10)
@@ -206,6 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-compile", action="store_true", help="padded/bucketed path without torch.compile")
     p.add_argument("--out", default="engines/results/gpu_check.json")
     args = p.parse_args(argv)
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in names if m not in PRESETS]
+    if unknown:
+        print(f"gpu_check: unknown model(s) {unknown}; choose from {sorted(PRESETS)}", file=sys.stderr)
+        return 2
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print(
@@ -215,7 +245,6 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     t_start = time.monotonic()
     deadline = t_start + args.budget_s
-    presets = {"small": small_realtime, "official": official_swin_l, "tiny": lambda: small_realtime(128)}
     report: dict[str, Any] = {
         "machine": {
             "device": torch.cuda.get_device_name()
@@ -230,9 +259,9 @@ def main(argv: list[str] | None = None) -> int:
         "weights": "random init (timing and parity only)",
         "models": {},
     }
-    for name in args.models.split(","):
+    for name in names:
         torch.manual_seed(0)
-        model = build_model(presets[name](), with_text_model=False).eval()
+        model = build_model(PRESETS[name](), with_text_model=False).eval()
         report["models"][name] = check_model(name, model, args, deadline, device)
         del model
     report["wall_s"] = time.monotonic() - t_start

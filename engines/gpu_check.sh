@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# One run on the lent H200 (<= ~8 minutes): CUDA back ends' parity and per-frame latency for
-# the small default model and the official Swin-L architecture, written to one JSON to commit.
+# One run on a lent GPU (<= ~8 minutes): CUDA back ends' parity and per-frame latency for the
+# small default model, the v2 model (EfficientNet-Lite0, 256 px, 1152-channel embedding) and the
+# official Swin-L architecture, in that order, written to one JSON to commit.
 #   bash engines/gpu_check.sh                       # GPU, default output engines/results/gpu_check_h200.json
-#   bash engines/gpu_check.sh --device cpu --models tiny --runs 3 --warmup 1 --out /tmp/x.json  # CPU dry run
+#   bash engines/gpu_check.sh --models small,v2     # only the real-time models
+#   bash engines/gpu_check.sh --device cpu --models tiny,v2-tiny --runs 3 --warmup 1 --out /tmp/x.json  # CPU dry run
 # Extra arguments go to engines/gpu_check.py. Exit codes: 0 ok, 1 a variant failed parity or
 # errored, 3 no CUDA device, 124 the hard time limit was hit.
 set -euo pipefail

@@ -6,10 +6,16 @@ import copy
 from typing import Any
 
 import torch
+from torch import nn
 
 from fluorosam_rt.model.sam import FluoroSAM
 
-from .base import Engine, GraphDims
+from .base import Engine, EngineError, GraphDims
+
+
+def has_batchnorm(module: nn.Module) -> bool:
+    """Whether any BatchNorm layer is left to fold (eval-mode BN is an affine op per channel)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
 class TorchEngine(Engine):
@@ -20,12 +26,15 @@ class TorchEngine(Engine):
         self.model = model.to(self.device).eval()
         self.dims = GraphDims.of(self.model)
         self.image_encoder = self.model.image_encoder
-        small = getattr(self.image_encoder, "small", None)
-        if fuse and small is not None:
+        self.fused = fuse and has_batchnorm(self.image_encoder)
+        if self.fused:
             # Fold BatchNorm into the convs on a private copy: the model itself stays trainable
-            # and its state dict unchanged, while the frame path saves one op per conv.
-            self.image_encoder = copy.deepcopy(self.image_encoder)
-            self.image_encoder.small.fuse_for_inference()
+            # and its state dict unchanged, while the frame path saves one op per conv. The
+            # encoder knows its own layers (small and v2 Lite encoders); Swin has no BatchNorm
+            # and is never copied.
+            self.image_encoder = copy.deepcopy(self.image_encoder).fuse_for_inference()
+            if has_batchnorm(self.image_encoder):
+                raise EngineError("fuse_for_inference left BatchNorm layers in the image encoder")
 
     @torch.inference_mode()
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
@@ -48,4 +57,9 @@ class TorchEngine(Engine):
         )
 
     def describe(self) -> dict[str, Any]:
-        return {"engine": self.name, "device": str(self.device), "model": self.model.cfg.name}
+        return {
+            "engine": self.name,
+            "device": str(self.device),
+            "model": self.model.cfg.name,
+            "batchnorm_folded": self.fused,
+        }

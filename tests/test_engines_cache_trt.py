@@ -13,7 +13,9 @@ from engines.trt_plan import GraphDims, TrtEnvironment, binding_plan, call_shape
 
 H200 = TrtEnvironment("NVIDIA H200", "9.0", "10.9.0")
 A100 = TrtEnvironment("NVIDIA A100-SXM4-80GB", "8.0", "10.9.0")
-DIMS = GraphDims(img_size=448, embed_dim=256, embedding_size=64, low_res_size=512, num_masks=3)
+DIMS = GraphDims(
+    img_size=448, embed_dim=256, embedding_channels=256, embedding_size=64, low_res_size=512, num_masks=3
+)
 
 
 def test_cache_dir_default_override_and_never_in_repo(tmp_path, monkeypatch):
