@@ -178,7 +178,8 @@ def outline_mask(
     found.sort(key=lambda f: -f[0])
     min_px = settings.min_instance_px / d2
     kept = [f for f in found if f[0] >= min_px][: settings.max_instances]
-    eps = settings.tolerance_px / d
+    # Downsampled masks: never finer than one mask pixel (d source pixels).
+    eps = (settings.tolerance_px if d == 1 else max(settings.tolerance_px, d)) / d
     mm2 = spacing.row_mm * spacing.col_mm if spacing is not None else None
 
     g = PromptGeometry(

@@ -718,12 +718,9 @@ def geometry_markdown(geo: dict[str, Any], machine: dict[str, Any]) -> list[str]
         "| mask set | prompts | CPU min ms | CPU p50 ms | CPU p99 ms | "
         + " | ".join(f"{s} p50/p99 ms" for s in (*GEOMETRY_SUBSTAGES, "total"))
         + " | instances/frame | vertices/frame |",
-        "|---|" + "---|" * (9),
+        "|---" * (7 + len(GEOMETRY_SUBSTAGES) + 1) + "|",
     ]
-    for key, what in (
-        ("cost_model_masks", "model's masks, bench frames"),
-        ("cost_synthetic", "synthetic + ribs + K-wire"),
-    ):
+    for key, what in GEOMETRY_SETS:
         c = geo.get(key)
         if not c:
             continue
