@@ -236,6 +236,7 @@ def thin_line_mask(
     out = torch.zeros(h, w, dtype=torch.bool, device=dev)
     proj = cam.projection_matrix
     f = cam.sdd / cam.pixel_size
+    ideal: torch.Tensor | None = None  # every pixel centre's ideal position, made once if needed
     for p0, p1, r in segments:
         h0 = proj @ np.append(np.asarray(p0, np.float64), 1.0)
         h1 = proj @ np.append(np.asarray(p1, np.float64), 1.0)
@@ -261,10 +262,16 @@ def thin_line_mask(
         r0i, r1i = max(0, int(np.floor(lo[1]))), min(h, int(np.ceil(hi[1])) + 1)
         if c0 >= c1 or r0i >= r1i:
             continue
-        cols = torch.arange(c0, c1, dtype=torch.float64, device=dev) + 0.5
-        rows = torch.arange(r0i, r1i, dtype=torch.float64, device=dev) + 0.5
-        q = torch.stack(torch.meshgrid(cols, rows, indexing="xy"), -1)
-        q = cam.undistort(q)
+        if cam.distorted:
+            if ideal is None:
+                cols = torch.arange(w, dtype=torch.float64, device=dev) + 0.5
+                rows = torch.arange(h, dtype=torch.float64, device=dev) + 0.5
+                ideal = cam.undistort(torch.stack(torch.meshgrid(cols, rows, indexing="xy"), -1))
+            q = ideal[r0i:r1i, c0:c1]
+        else:
+            cols = torch.arange(c0, c1, dtype=torch.float64, device=dev) + 0.5
+            rows = torch.arange(r0i, r1i, dtype=torch.float64, device=dev) + 0.5
+            q = torch.stack(torch.meshgrid(cols, rows, indexing="xy"), -1)
         at = torch.as_tensor(a, dtype=torch.float64, device=dev)
         ab = torch.as_tensor(b - a, dtype=torch.float64, device=dev)
         n2 = float(ab @ ab)
