@@ -213,7 +213,7 @@ def sample_look_physics(
             vignetting=float(rng.uniform(0.05, 0.25)),
             glare_fraction=float(rng.uniform(0.02, 0.12)),
             glare_sigma_px=float(rng.uniform(8.0, 25.0) * sc),
-            saturation=float(rng.uniform(0.3, 0.8)) if rng.random() < 0.5 else None,
+            saturation=float(rng.uniform(0.5, 0.9)) if rng.random() < 0.5 else None,
             **_sample_collimation(rng, p_iris=0.3, p_shutters=0.3),
             **common,
         )
@@ -227,7 +227,7 @@ def sample_look_physics(
             scatter_sigma_px=float(rng.uniform(15.0, 40.0) * sc),
             collimator_radius=None,
             vignetting=float(rng.uniform(0.0, 0.08)),
-            saturation=float(rng.uniform(0.45, 0.95)) if rng.random() < 0.35 else None,
+            saturation=float(rng.uniform(0.6, 0.95)) if rng.random() < 0.35 else None,
             **_sample_collimation(rng, p_iris=0.2, p_shutters=0.45),
             **common,
         )
@@ -239,7 +239,7 @@ def sample_look_physics(
         scatter_fraction=float(rng.uniform(0.03, 0.2)),
         scatter_sigma_px=float(rng.uniform(15.0, 40.0) * sc),
         collimator_radius=None,
-        saturation=float(rng.uniform(0.5, 0.95)) if rng.random() < 0.2 else None,
+        saturation=float(rng.uniform(0.7, 0.97)) if rng.random() < 0.2 else None,
         **_sample_collimation(rng, p_iris=0.0, p_shutters=0.6),
         **common,
     )
