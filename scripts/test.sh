@@ -1,38 +1,66 @@
 #!/usr/bin/env bash
-# The project's test command (README and .ci/run). Sets up .venv if needed, lints, then runs
-# pytest. "--slow" also runs tests marked slow. pytest's exit code 5 (no tests collected) is
-# treated as a failure so an empty run can never pass silently.
+# The project's test command (README and .ci/run). Sets up .venv if needed, installs the
+# external tools the tests use, lints, then runs pytest. "--slow" also runs tests marked slow
+# (and installs what they need). A required tool that is missing and cannot be installed fails
+# the run here, before pytest: no test may skip or pass silently for want of it. pytest's exit
+# code 5 (no tests collected) is treated as a failure so an empty run can never pass silently.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-bash scripts/setup.sh
-# The DICOM ingest tests use a real client nobody here wrote: dcmtk's storescu (Debian package).
-if ! command -v storescu >/dev/null 2>&1; then
-  (apt-get update -qq && apt-get install -y -qq dcmtk) >/dev/null || echo "[test] could not install dcmtk" >&2
-fi
-# The transfer-syntax tests (tests/test_dicom_syntaxes.py) make HTJ2K fixtures with OpenJPH's
-# ojph_compress/ojph_expand (dcmtk 3.6.7 has no HTJ2K); a missing tool fails those tests.
-if ! command -v ojph_compress >/dev/null 2>&1; then
-  (apt-get update -qq && apt-get install -y -qq openjph-tools) >/dev/null || echo "[test] could not install openjph-tools" >&2
-fi
-# The C subscriber test (tests/test_bridge_integration.py) builds bridge/c against libzmq.
-if command -v cc >/dev/null 2>&1 && [ ! -e /usr/include/zmq.h ]; then
-  (apt-get update -qq && apt-get install -y -qq libzmq3-dev) >/dev/null || echo "[test] could not install libzmq3-dev" >&2
-fi
-# dicom3tools' dciodvfy validates the bridge's DICOM SEG objects (dcmtk has no IOD validator).
-if ! command -v dciodvfy >/dev/null 2>&1; then
-  (apt-get update -qq && apt-get install -y -qq dicom3tools) >/dev/null || echo "[test] could not install dicom3tools" >&2
-fi
-# The web viewer's tests (tests/test_bridge_web.py) drive Debian's headless chromium through its
-# chromedriver; without them those tests fail (they never skip).
-if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
-  (apt-get update -qq && apt-get install -y -qq chromium chromium-driver) >/dev/null || echo "[test] could not install chromium/chromium-driver" >&2
-fi
 marker=(-m "not slow")
+setup_args=()
 args=()
 for a in "$@"; do
-  if [ "$a" = "--slow" ]; then marker=(); else args+=("$a"); fi
+  if [ "$a" = "--slow" ]; then
+    marker=()
+    setup_args=(--reference)  # diffdrr's renderer for tests/test_synth_reference.py
+  else
+    args+=("$a")
+  fi
 done
+bash scripts/setup.sh "${setup_args[@]}"
+
+# Debian packages the tests drive as real peers nobody here wrote. Each row: what proves the
+# tool is there (a command, or a file path), the package, and who needs it.
+tools=(
+  "storescu|dcmtk|the DICOM ingest tests send with dcmtk's storescu; dcmdump parses the SEG output"
+  "ojph_compress|openjph-tools|tests/test_dicom_syntaxes.py makes HTJ2K fixtures (dcmtk 3.6.7 has none)"
+  "cc|gcc|tests/test_bridge_integration.py builds the C subscriber (bridge/c)"
+  "/usr/include/zmq.h|libzmq3-dev|the C subscriber links against libzmq"
+  "dciodvfy|dicom3tools|tests/test_bridge_integration.py validates the DICOM SEG objects against the IOD"
+  "chromium|chromium|tests/test_bridge_web.py drives a headless browser"
+  "chromedriver|chromium-driver|tests/test_bridge_web.py drives it through chromedriver"
+)
+have() { if [ "${1:0:1}" = "/" ]; then [ -e "$1" ]; else command -v "$1" >/dev/null 2>&1; fi; }
+missing=()
+for row in "${tools[@]}"; do
+  IFS='|' read -r probe pkg _why <<<"$row"
+  have "$probe" || missing+=("$pkg")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "[test] installing ${missing[*]} (Debian packages the tests use)"
+  apt_log="$(mktemp)"
+  # Another apt run (a second session's test.sh) may hold the lock: wait for it, not fail.
+  if ! { apt-get -o DPkg::Lock::Timeout=300 update -qq \
+    && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq "${missing[@]}"; } \
+    >"$apt_log" 2>&1; then
+    tail -n 20 "$apt_log" >&2
+  fi
+  rm -f "$apt_log"
+fi
+failed=0
+for row in "${tools[@]}"; do
+  IFS='|' read -r probe pkg why <<<"$row"
+  if ! have "$probe"; then
+    echo "[test] missing $probe (Debian package $pkg): $why" >&2
+    failed=1
+  fi
+done
+if [ "$failed" -ne 0 ]; then
+  echo "[test] install the packages above (apt-get install ...) and rerun: failing before the tests" >&2
+  exit 1
+fi
+
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 set +e

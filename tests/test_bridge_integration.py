@@ -84,6 +84,10 @@ def test_node_to_igtl_relay_to_pyigtl_client(tmp_path, bundle):
     assert got is not None, "no IMAGE message matched a published frame by source timestamp"
     assert got.device_name == "FluoroSAM_left_lung"
     label = relay.labels["left lung"]
+    # Per prompt: the shared checkpoint gives each prompt its own mask (tests/conftest.py), so a
+    # relay that sent another prompt's mask under this device name fails the comparison below.
+    assert [p.text for p in truth.prompts] == ["left lung", "heart"]
+    assert not np.array_equal(truth.prompts[0].mask, truth.prompts[1].mask)
     mask = truth.prompts[0].mask
     assert got.image.shape == (1, *mask.shape)
     np.testing.assert_array_equal(got.image[0], mask * label)
@@ -155,37 +159,42 @@ def test_storescu_to_node_to_dicom_seg(tmp_path, bundle, shared_dir):
         assert ds.ManufacturerModelName == bundle.name[:64]
         # pixels: each segment equals the published mask brought back to source resolution
         pixels = ds.pixel_array.reshape(-1, *msg.source_shape)
+        assert [p.text for p in msg.prompts] == list(prompts)  # segment i is prompt i's mask
         for i, p in enumerate(msg.prompts):
             want = full_resolution(p.mask, msg.source_shape, 2)
             np.testing.assert_array_equal(pixels[i].astype(bool), want.astype(bool))
+        # distinct masks per prompt (tests/conftest.py): segments swapped would fail the loop above
+        assert len({pixels[i].astype(bool).tobytes() for i in range(len(prompts))}) == len(prompts)
         assert seg.number_of_segments == 3
         if ref.ReferencedSOPInstanceUID == str(ref_dx.SOPInstanceUID):
             assert ds.PatientID == str(ref_dx.PatientID)
         else:
             found_cine_frames.add(frame_index)
     assert found_cine_frames == {0, 1}
-    dcmdump = shutil.which("dcmdump")
-    if dcmdump:  # dcmtk has no IOD validator; dcmdump at least parses every element strictly
-        for f in files:
-            proc = subprocess.run([dcmdump, "-q", "+E", str(f)], capture_output=True, text=True, timeout=30)
-            assert proc.returncode == 0, proc.stderr
-    dciodvfy = shutil.which("dciodvfy")  # dicom3tools' IOD validator, where installed
-    if dciodvfy:
-        for f in files:
-            proc = subprocess.run([dciodvfy, str(f)], capture_output=True, text=True, timeout=30)
-            errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Error")]
-            assert not errors, errors
+    # Both validators are required (scripts/test.sh installs them): a missing one fails, never skips.
+    dcmdump = shutil.which("dcmdump")  # dcmtk: parses every element strictly
+    assert dcmdump, "dcmtk's dcmdump is needed to parse the SEG objects (apt-get install dcmtk)"
+    for f in files:
+        proc = subprocess.run([dcmdump, "-q", "+E", str(f)], capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 0, proc.stderr
+    dciodvfy = shutil.which("dciodvfy")  # dicom3tools' IOD validator (dcmtk has none)
+    assert dciodvfy, "dicom3tools' dciodvfy is needed to validate the SEG IOD (apt-get install dicom3tools)"
+    for f in files:
+        proc = subprocess.run([dciodvfy, str(f)], capture_output=True, text=True, timeout=30)
+        errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Error")]
+        assert not errors, errors
 
 
 # --------------------------------------------------------------------------- C subscriber
 
 
 def _build_c_subscriber(tmp_path: Path) -> Path:
+    # Required, never skipped (scripts/test.sh installs them): a missing one fails the test.
     cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        pytest.skip("no C compiler")
-    if not any(Path(d, "zmq.h").exists() for d in ("/usr/include", "/usr/local/include")):
-        pytest.skip("libzmq headers missing (apt-get install libzmq3-dev)")
+    assert cc is not None, "no C compiler to build the C subscriber (apt-get install gcc)"
+    assert any(Path(d, "zmq.h").exists() for d in ("/usr/include", "/usr/local/include")), (
+        "libzmq headers missing (apt-get install libzmq3-dev)"
+    )
     exe = tmp_path / "fsam_sub"
     proc = subprocess.run(
         [cc, "-O2", "-Wall", "-Werror", "-o", str(exe), str(C_SOURCE), "-lzmq"],
@@ -233,6 +242,8 @@ def test_c_subscriber_prints_what_python_sees(tmp_path, bundle, encoding):
         for m in msgs
     ]
     assert len(expected) == 3
+    # The two prompts' masks differ (tests/conftest.py), so prompts printed in the wrong order fail.
+    assert any(int(m.prompts[0].mask.sum()) != int(m.prompts[1].mask.sum()) for m in msgs)
     assert out.splitlines() == expected
 
 

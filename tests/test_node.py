@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -57,6 +58,7 @@ def running_node(tmp_path: Path, bundle, source: dict, prompts=("lungs",), **pub
     app = build_app(settings, bundle=bundle)
     sub = Subscriber(f"ipc://{tmp_path}/masks", topic="carm0")
     app.final = None
+    source = app.node.source
     try:
         time.sleep(0.2)  # subscription reaches the publisher before the first frame
         app.start()
@@ -65,6 +67,16 @@ def running_node(tmp_path: Path, bundle, source: dict, prompts=("lungs",), **pub
         sub.close()
         app.final = app.stop()
         assert_accounting(app.final)
+        if app.node.source is source:  # (a test that swaps the source in counts for itself)
+            assert_source_count(source, app.final)
+
+
+def assert_source_count(source, final: dict) -> None:
+    """A count from outside the node's books: every frame the source emitted was received.
+
+    ``in_flight`` is derived from the node's own counters, so ``received = published + dropped``
+    cannot see a frame that is lost before it is counted at all; the source's own count can."""
+    assert source.emitted == final["received"], (source.emitted, final)
 
 
 def mask_mismatch(a: np.ndarray, b: np.ndarray) -> float:
@@ -145,7 +157,34 @@ def test_video_file_in_masks_out(tmp_path, bundle, reference):
 # --------------------------------------------------------------------------- prompts at run time
 
 
-def test_prompts_change_mid_stream_and_text_is_never_encoded_on_the_frame_path(tmp_path, bundle):
+class TextEncodeProbe:
+    """Counts every forward of the text encoder itself (its ``_encode``), with the thread it ran
+    on: a frame-path encode that bypasses the prompt cache is counted here too."""
+
+    def __init__(self, encoder, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[tuple[str, int]] = []
+        self._lock = threading.Lock()
+        inner = encoder._encode
+
+        def counting(texts):
+            with self._lock:
+                self.calls.append((threading.current_thread().name, len(texts)))
+            return inner(texts)
+
+        monkeypatch.setattr(encoder, "_encode", counting)
+
+    @property
+    def texts(self) -> int:
+        with self._lock:
+            return sum(n for _, n in self.calls)
+
+    def threads(self) -> set[str]:
+        with self._lock:
+            return {name for name, _ in self.calls}
+
+
+def test_prompts_change_mid_stream_and_text_is_never_encoded_on_the_frame_path(tmp_path, bundle, monkeypatch):
+    probe = TextEncodeProbe(bundle.text_encoder, monkeypatch)
     for i in range(4):
         cv2.imwrite(str(tmp_path / f"{i}.png"), np.random.default_rng(i).integers(0, 255, (64, 80), np.uint8))
     source = {"kind": "replay", "path": str(tmp_path), "fps": 20, "loop": True}
@@ -175,6 +214,8 @@ def test_prompts_change_mid_stream_and_text_is_never_encoded_on_the_frame_path(t
         assert [p["id"] for p in reply["prompts"]] == ["lungs", "heart", "s1"]
         assert app.node.predictor.cache.encode_count == encodes + 2  # encoded once, at add time
         frames_before = app.node.accounting.snapshot()["received"]
+        text_forwards = probe.texts  # at the text encoder, whatever the caller
+        assert text_forwards >= 2  # the add ran the encoder (the "did you mean" hint may add one)
         wait_for(
             lambda: [p.id for p in sub.receive(timeout=5).prompts] == ["lungs", "heart", "s1"],
             10,
@@ -184,6 +225,9 @@ def test_prompts_change_mid_stream_and_text_is_never_encoded_on_the_frame_path(t
         wait_for(lambda: [p.id for p in sub.receive(timeout=5).prompts] == ["heart", "s1"], 10, "removal")
         wait_for(lambda: app.node.accounting.snapshot()["received"] > frames_before + 3, 10, "more frames")
         assert app.node.predictor.cache.encode_count == encodes + 2  # frames flowed, no text encoding
+        assert probe.texts == text_forwards, probe.calls  # not even one that bypasses the cache
+        # only the prompt path ran it: the test's own thread (start-up prompts) and the control thread
+        assert probe.threads() <= {threading.main_thread().name, "node-control"}, probe.calls
         status = send_command(ctl, {"cmd": "status"})["status"]
         assert status["engine"]["engine"] == "torch"
         assert status["received"] >= status["published"] > 0
@@ -454,6 +498,7 @@ def test_node_runs_on_each_cpu_engine_with_the_same_masks(tmp_path, bundle, refe
     reference.set_image(img)
     expected = reference.predict(["lungs", "heart"])
     for msg in msgs:
+        assert [p.text for p in msg.prompts] == [r.prompt.text for r in expected]
         for got, want in zip(msg.prompts, expected):
             assert mask_mismatch(got.mask, want.mask) < 1e-3
             assert got.score == pytest.approx(want.score, abs=1e-3)

@@ -17,8 +17,6 @@ from train.fluoroseg import FluoroSegDataset, is_fluoroseg
 from train.prompt_sampling import PromptedImages, PromptSamplingConfig, collate
 from train.toyset import write_toy_fluoroseg, write_toy_folder
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "chest-xray-hannover"
-
 
 def test_labelled_folder_reads_masks_prompts_and_empty_masks_as_absent(tmp_path: Path) -> None:
     root = write_toy_folder(tmp_path / "f", n=2, size=50)
@@ -90,9 +88,9 @@ def test_prompted_images_are_deterministic_and_in_model_frame(tmp_path: Path) ->
     assert batch["image_index"].tolist() == [0] * 4 + [1] * 4
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="shared chest X-ray folder not present")
-def test_shared_chest_folder_reads() -> None:
-    ds = open_dataset(SHARED)
+def test_shared_chest_folder_reads(shared_dir: Path) -> None:
+    # shared_dir (tests/conftest.py) fails loudly when ../shared is missing: this never skips.
+    ds = open_dataset(shared_dir / "data" / "chest-xray-hannover")
     assert len(ds) == 77
     assert ds.structures["left_lung"].prompt == "left lung"
     case = ds.load(0)
