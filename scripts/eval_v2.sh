@@ -8,8 +8,8 @@
 # Writes OUTDIR/{real_chest,heldout_body,tools}.json (fluorosam-train eval JSONs with the paraphrase
 # drop), calibration.json, model_calibrated.safetensors (CHECKPOINT itself is never modified),
 # targets.json and targets.md. The eval sets (out/eval_sets: held-out body, tools, calibration; seeds
-# 777001, 777002, 777100+k, never used for training) are generated first when missing. How each number
-# is made, and the presence-calibration rule: train/eval_suite.py.
+# 777001, 777002-777003, 777100+k, never used for training) are generated first when missing. How
+# each number is made, and the presence-calibration rule: train/eval_suite.py.
 # Runs at nice 10 with passive OpenMP waits: the machine is shared with training and data generation.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

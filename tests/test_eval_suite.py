@@ -293,7 +293,8 @@ def test_suite_end_to_end_on_toy_sets(
     monkeypatch.setattr(suite, "training_bodies", lambda: ["toybody"])
     sets = tmp_path / "sets"
     _toy_set(sets / "heldout_body", "fracsegnet_005", 1)
-    _toy_set(sets / "tools", "toybody", 2)
+    _toy_set(sets / "tools" / "general", "toybody", 2)
+    _toy_set(sets / "tools" / "vascular", "toybody", 4)
     _toy_set(sets / "calib" / "toybody", "toybody", 3)
     chest = write_toy_folder(tmp_path / "chest", n=2, size=48)
     before = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
