@@ -302,15 +302,13 @@ class Node:
             best = iou.argmax(dim=1)
             rows = torch.arange(len(prompts))
             chosen, scores = self.geometry.smooth([q.id for q in prompts], low[rows, best], iou[rows, best])
-            logits = p.postprocess(chosen, out_shape)
+            present = [float(s) >= p.presence_threshold for s in scores]
+            masks = p.masks(chosen, out_shape, present)  # uint8 0/1 = logits > threshold; absent: zeros
             done.rois = support_rois(chosen, p.mask_threshold, p.engine.img_size, info.resized_hw, out_shape)
             for i in range(len(prompts)):
-                score = float(scores[i])
-                present = score >= p.presence_threshold
-                m = (logits[i] > p.mask_threshold).view(np.uint8) if present else None
-                done.masks.append(m if m is not None else np.zeros(out_shape, np.uint8))
-                done.scores.append(score)
-                done.present.append(present)
+                done.masks.append(masks[i])
+                done.scores.append(float(scores[i]))
+                done.present.append(present[i])
         if self.include_image:
             img = to_display_u8(frame.pixels)
             done.image = (

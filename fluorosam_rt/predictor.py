@@ -12,15 +12,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from engines.base import Engine
 from engines.torch_engine import TorchEngine
 
 from .model.sam import FluoroSAM
+from .postprocess import logits_at_size, masks_at_size
 from .preprocess import PreprocessInfo, Preprocessor
 from .prompts import Prompt, PromptCache, tensor_digest
 from .text.base import TextEncoder
@@ -103,6 +102,7 @@ class Predictor:
         self.mask_threshold = mask_threshold
         self._embedding: torch.Tensor | None = None
         self._info: PreprocessInfo | None = None
+        self._scratch: np.ndarray | None = None  # masks(): one reused float plane (frame path is one thread)
         self.image_encode_count = 0
 
     # -- prompts -------------------------------------------------------------------------
@@ -170,20 +170,36 @@ class Predictor:
 
         Bilinear to the padded model input (the official step), crop the padding away, then
         bilinear to the output size (the input's size by default, or a downsampled size for the
-        stream). The last, largest resize runs in OpenCV: the same half-pixel bilinear as
-        torch's (results agree to ~1e-6) at a tenth of the time for full-size masks.
+        stream): :func:`~fluorosam_rt.postprocess.logits_at_size`. For thresholded masks use
+        :meth:`masks`, which gives the same pixels far cheaper.
         """
-        s = self.engine.img_size
-        rh, rw = self.info.resized_hw
+        hw = out_hw if out_hw is not None else self.info.original_hw
+        return logits_at_size(low_res, self.engine.img_size, self.info.resized_hw, hw)
+
+    def masks(
+        self,
+        low_res: torch.Tensor,
+        out_hw: tuple[int, int] | None = None,
+        present: Sequence[bool] | None = None,
+    ) -> np.ndarray:
+        """[K, L, L] logits -> [K, H, W] uint8 masks, 1 where ``postprocess(...) > mask_threshold``.
+
+        Absent prompts (``present[i]`` False) get all-zero masks without being computed. The
+        float plane each mask is resized into is reused across masks and frames.
+        """
         h, w = out_hw if out_hw is not None else self.info.original_hw
-        x = F.interpolate(low_res.float().cpu()[:, None], (s, s), mode="bilinear", align_corners=False)
-        x = x[:, 0, :rh, :rw].numpy()
-        if (rh, rw) == (h, w):
-            return np.ascontiguousarray(x)
-        out = np.empty((x.shape[0], h, w), dtype=np.float32)
-        for i in range(x.shape[0]):
-            out[i] = cv2.resize(np.ascontiguousarray(x[i]), (w, h), interpolation=cv2.INTER_LINEAR)
-        return out
+        hw = (int(h), int(w))
+        if self._scratch is None or self._scratch.shape != hw:
+            self._scratch = np.empty(hw, dtype=np.float32)
+        return masks_at_size(
+            low_res,
+            self.engine.img_size,
+            self.info.resized_hw,
+            hw,
+            self.mask_threshold,
+            present,
+            self._scratch,
+        )
 
     @torch.no_grad()
     def predict(self, prompts: Sequence[str | Prompt], return_logits: bool = False) -> list[MaskResult]:
@@ -197,21 +213,22 @@ class Predictor:
         low, iou = self.predict_low_res(ps)
         best = iou.argmax(dim=1)
         chosen = low[torch.arange(len(ps), device=low.device), best]
-        full = self.postprocess(chosen)
-        results = []
-        for i, p in enumerate(ps):
-            score = float(iou[i, best[i]])
-            present = score >= self.presence_threshold
-            mask = full[i] > self.mask_threshold if present else np.zeros(full[i].shape, dtype=bool)
-            results.append(
-                MaskResult(
-                    prompt=p,
-                    mask=mask,
-                    score=score,
-                    scores=tuple(float(v) for v in iou[i]),
-                    best_index=int(best[i]),
-                    present=present,
-                    logits=full[i] if return_logits else None,
-                )
+        scores = [float(iou[i, best[i]]) for i in range(len(ps))]
+        present = [sc >= self.presence_threshold for sc in scores]
+        full = self.postprocess(chosen) if return_logits else None
+        if full is not None:
+            masks = (full > self.mask_threshold) & np.asarray(present)[:, None, None]
+        else:
+            masks = self.masks(chosen, present=present).view(bool)
+        return [
+            MaskResult(
+                prompt=p,
+                mask=masks[i],
+                score=scores[i],
+                scores=tuple(float(v) for v in iou[i]),
+                best_index=int(best[i]),
+                present=present[i],
+                logits=full[i] if full is not None else None,
             )
-        return results
+            for i, p in enumerate(ps)
+        ]

@@ -122,3 +122,119 @@ def test_torch_engine_fuses_batchnorm_on_a_private_copy(model):
         torch.testing.assert_close(engine.encode_image(x), model.encode_image(x), atol=1e-4, rtol=1e-4)
     assert set(model.state_dict()) == keys_before
     assert engine.image_encoder is not model.image_encoder
+
+
+# --------------------------------------------------------------------------- low-res logits -> masks
+
+
+def _torch_reference(low: torch.Tensor, s: int, resized: tuple[int, int], out: tuple[int, int]) -> np.ndarray:
+    """The official two-step upsampling in torch: to the padded input, crop, to the output size."""
+    up = F.interpolate(low[:, None].float(), (s, s), mode="bilinear", align_corners=False)
+    crop = up[..., : resized[0], : resized[1]]
+    return F.interpolate(crop, out, mode="bilinear", align_corners=False)[:, 0].numpy()
+
+
+def _low_res(k: int, n: int, seed: int) -> torch.Tensor:
+    """Smooth blobs crossing 0 at different levels, plus noise: boundaries everywhere."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(k, 1, max(2, n // 8), max(2, n // 8), generator=g)
+    smooth = F.interpolate(coarse, (n, n), mode="bicubic", align_corners=False)[:, 0]
+    low = 4 * smooth - torch.linspace(-1, 2, k)[:, None, None] + 0.3 * torch.randn(k, n, n, generator=g)
+    low[-1] = -3.0  # one prompt with nothing above any threshold used here
+    return low
+
+
+# (L, S, input size, output size): square and non-square inputs, full size, downsampled, same size
+GEOMETRIES = [
+    (64, 128, (1024, 1024), (1024, 1024)),
+    (128, 256, (1024, 1024), (1024, 1024)),
+    (128, 256, (1024, 1300), (1024, 1300)),
+    (64, 128, (300, 200), (300, 200)),
+    (128, 256, (1024, 1024), (128, 128)),
+    (64, 256, (1024, 768), (256, 192)),
+]
+
+
+@pytest.mark.parametrize(("L", "S", "in_hw", "out_hw"), GEOMETRIES)
+def test_logits_at_size_is_the_official_upsampling(L, S, in_hw, out_hw):
+    """Stated tolerance: OpenCV's bilinear equals torch's (align_corners=False) to float32 rounding,
+    1e-5 + 1e-5 * |logit|."""
+    from fluorosam_rt.postprocess import logits_at_size
+    from fluorosam_rt.preprocess import resized_shape
+
+    resized, _ = resized_shape(*in_hw, S)
+    low = _low_res(4, L, seed=L + out_hw[0])
+    got = logits_at_size(low, S, resized, out_hw)
+    np.testing.assert_allclose(got, _torch_reference(low, S, resized, out_hw), atol=1e-5, rtol=1e-5)
+    assert got.shape == (4, *out_hw)
+    assert got.dtype == np.float32
+
+
+@pytest.mark.parametrize(("L", "S", "in_hw", "out_hw"), GEOMETRIES)
+@pytest.mark.parametrize("thr", [0.0, 0.5, -0.3])
+def test_masks_are_exactly_the_thresholded_logits(L, S, in_hw, out_hw, thr):
+    from fluorosam_rt.postprocess import logits_at_size, masks_at_size
+    from fluorosam_rt.preprocess import resized_shape
+
+    resized, _ = resized_shape(*in_hw, S)
+    low = _low_res(4, L, seed=L + out_hw[1])
+    want = logits_at_size(low, S, resized, out_hw) > thr
+    got = masks_at_size(low, S, resized, out_hw, thr)
+    assert got.dtype == np.uint8
+    assert got.shape == (4, *out_hw)
+    assert set(np.unique(got)) <= {0, 1}
+    np.testing.assert_array_equal(got.view(bool), want)
+    assert want[:-1].any()
+    assert not want[-1].any()
+    # absent prompts are all zero; the others are unchanged
+    some = masks_at_size(low, S, resized, out_hw, thr, present=[False, True, False, True])
+    assert not some[0].any()
+    assert not some[2].any()
+    np.testing.assert_array_equal(some[[1, 3]], got[[1, 3]])
+    with pytest.raises(ValueError, match="present"):
+        masks_at_size(low, S, resized, out_hw, thr, present=[True])
+
+
+def test_predict_masks_equal_the_logits_path(model, text_encoder, frame):
+    pred = Predictor(model, text_encoder, mask_threshold=0.1)
+    pred.set_image(frame)
+    prompts = ["lungs", Prompt("heart", ((50.0, 60.0),), (1,)), "spine"]
+    fast = pred.predict(prompts)
+    slow = pred.predict(prompts, return_logits=True)
+    for a, b in zip(fast, slow):
+        assert a.mask.dtype == b.mask.dtype == np.bool_
+        assert a.mask.shape == frame.shape
+        np.testing.assert_array_equal(a.mask, b.logits > 0.1)
+        np.testing.assert_array_equal(a.mask, b.mask)
+
+
+def test_mask_path_costs_a_fraction_of_float_planes():
+    """K = 10 masks of a 1024 x 1024 frame from 128 x 128 logits, CPU time (the machine is shared):
+    the mask path must cost under half of the float planes + threshold it replaces."""
+    import time
+
+    from fluorosam_rt.postprocess import masks_at_size
+
+    low = _low_res(10, 128, seed=3)
+    scratch = np.empty((1024, 1024), np.float32)
+
+    def old() -> list[np.ndarray]:  # the path this replaced: torch to S, float planes, threshold
+        import cv2
+
+        x = F.interpolate(low[:, None], (256, 256), mode="bilinear", align_corners=False)[:, 0].numpy()
+        full = np.empty((10, 1024, 1024), dtype=np.float32)
+        for i in range(10):
+            full[i] = cv2.resize(np.ascontiguousarray(x[i]), (1024, 1024), interpolation=cv2.INTER_LINEAR)
+        return [(full[i] > 0).view(np.uint8) for i in range(10)]
+
+    def new() -> np.ndarray:
+        return masks_at_size(low, 256, (256, 256), (1024, 1024), 0.0, scratch=scratch)
+
+    cpu: dict[str, list[float]] = {"old": [], "new": []}
+    for _ in range(7):  # interleaved, so load drift hits both alike
+        for name, fn in (("old", old), ("new", new)):
+            c0 = time.process_time()
+            fn()
+            cpu[name].append(time.process_time() - c0)
+    ratio = float(np.median(cpu["new"]) / np.median(cpu["old"]))
+    assert ratio < 0.5, (ratio, cpu)
