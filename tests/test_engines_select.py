@@ -118,6 +118,32 @@ def test_torch_compile_engine_matches_torch_on_cpu(model):
     _check_against_torch(eng, model)
 
 
+def test_torch_compile_engine_matches_torch_on_cpu_for_one_bucket(model):
+    """Cheap version of the slow test above for the default suite: dynamo traces the encoder and
+    one padded decoder bucket (K = 3 -> 4). The backend records the graphs it is given, so the
+    test also shows that dynamo really captured them rather than running the modules eagerly."""
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    eng = TorchCompiledEngine(model, "cpu", compile=True, compile_backend=recording)
+    ref = TorchEngine(model)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn((1, 3, 64, 64), generator=g)
+    emb = ref.encode_image(x)
+    torch.testing.assert_close(eng.encode_image(x), emb, atol=1e-5, rtol=1e-5)
+    tok = torch.randn((3, model.cfg.prompt_encoder.embed_dim), generator=g)
+    lo, io = eng.decode(emb, tok)
+    rl, ri = ref.decode(emb, tok)
+    assert lo.shape == (3, 3, model.low_res_size, model.low_res_size)
+    torch.testing.assert_close(lo, rl, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(io, ri, atol=1e-5, rtol=1e-4)
+    assert len(graphs) >= 2, "dynamo captured no graph for the encoder and the decoder"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     ("precision", "graphs", "agree"), [("fp32", False, 0.999), ("fp16", True, 0.98), ("bf16", True, 0.97)]

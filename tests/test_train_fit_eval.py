@@ -157,6 +157,24 @@ def test_resume_continues_exactly(toy: Path, tmp_path: Path) -> None:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+def test_resume_after_one_step_continues_exactly(toy: Path, tmp_path: Path) -> None:
+    """Cheap version of test_resume_continues_exactly for the default suite: 2 steps straight
+    equal 1 step, a checkpoint, and a resumed step, bit for bit (augmentation and sampling RNG
+    included). The ledger shows the second segment really resumed at step 1."""
+    from train.fit import read_ledger
+
+    fit(_cfg(tmp_path, toy, "a", max_steps=2, ckpt_every=1))
+    fit(_cfg(tmp_path, toy, "b", max_steps=1, ckpt_every=1))
+    after_one = torch.load(tmp_path / "b" / "last.pt", weights_only=False)["model"]
+    fit(_cfg(tmp_path, toy, "b", max_steps=2, ckpt_every=1), resume=str(tmp_path / "b" / "last.pt"))
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=False)["model"]
+    assert [(r["start_step"], r["end_step"]) for r in read_ledger(tmp_path / "b")] == [("0", "1"), ("1", "2")]
+    assert any(not torch.equal(after_one[k], b[k]) for k in b)  # the resumed step trained
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
 def test_sigterm_checkpoints_and_auto_resume_continues_the_ledger(toy: Path, tmp_path: Path) -> None:
     """A background run stopped by SIGTERM keeps its steps; ``--resume auto`` continues the ledger."""
     import csv
