@@ -46,6 +46,7 @@ def options_from_args(args: argparse.Namespace, argv: list[str] | None = None) -
         downsample=args.downsample,
         mask_encoding=args.mask_encoding,
         checkpoint=args.checkpoint,
+        compare_checkpoint=args.compare_checkpoint,
         threads=args.threads,
         quick=args.quick,
         geometry=not args.no_geometry,
@@ -84,6 +85,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from ..node_config import NodeConfigError
 
         raise NodeConfigError("--faults needs --faults-rounds >= 1 and --faults-phase-s > 0, and no --soak")
+    if opts.compare_checkpoint and (opts.faults or opts.soak_minutes):
+        from ..node_config import NodeConfigError
+
+        raise NodeConfigError("--compare-checkpoint compares sweeps; it does not apply to --soak or --faults")
+    cmp = opts.compare_checkpoint
+    if cmp and cmp != "embedded" and not Path(cmp).is_file():  # before minutes of setup for model A
+        raise FileNotFoundError(f"no checkpoint file {cmp}")
     result = run_bench(opts)
     report.print_table(result)
     print(f"wrote {opts.out_dir}" + (f" and {opts.report}" if opts.report else ""))
@@ -108,6 +116,12 @@ def add_bench_parser(sub: Any) -> None:
     b.add_argument("--downsample", type=int, default=1, help="publish masks at 1/N size")
     b.add_argument("--mask-encoding", choices=["u8", "bits"], default="u8")
     b.add_argument("--checkpoint", help="weights (default: embedded model, else random-weight small model)")
+    b.add_argument(
+        "--compare-checkpoint",
+        metavar="PATH",
+        help="also run this model (a checkpoint, or 'embedded'), each group right after the first "
+        "model's, and report both side by side with B/A ratios (e.g. v1 and v2)",
+    )
     b.add_argument("--threads", type=int, default=0, help="torch threads in the node (0: torch's default)")
     b.add_argument("--out", default="bench-results", help="folder for bench.json and the PNGs")
     b.add_argument("--report", help="also write the markdown report here (e.g. docs/benchmarks.md)")

@@ -179,6 +179,18 @@ def print_table(result: dict[str, Any]) -> None:
         for name, v in result.get("targets", {}).items():
             if isinstance(v, dict) and "met" in v:
                 console.print(f"target {name}: {'met' if v['met'] else 'MISSED'} {json.dumps(v)}")
+    if result.get("compare"):
+        from .compare import COLUMNS, model_lines
+        from .compare import table_rows as compare_rows
+
+        t = Table(title="models side by side (B / A), end-to-end ms")
+        for col in COLUMNS:
+            t.add_column(col, justify="left" if col in ("engine", "fps") else "right")
+        for row in compare_rows(result.get("side_by_side") or []):
+            t.add_row(*row)
+        console.print(t)
+        for line in model_lines(result):
+            console.print(line)
     for line in geometry_lines(result.get("geometry", {})):
         console.print(line)
     if "soak" in result:
@@ -634,6 +646,10 @@ def markdown(result: dict[str, Any], image_prefix: str, notes: str = "") -> str:
             )
             lines.append("- latency flat over 10 minutes: see the soak section (`--soak 10`) when it was run")
         lines.append("")
+    if result.get("compare"):
+        from .compare import markdown_lines
+
+        lines += markdown_lines(result, _md_table)
     if "geometry" in result:
         lines += geometry_markdown(result["geometry"], result["machine"])
     if "soak" in result:

@@ -68,6 +68,9 @@ class BenchOptions:
     downsample: int = 1
     mask_encoding: str = "u8"
     checkpoint: str | None = None
+    # A second model measured in the same run, group by group next to the first (issue 16: v1 and
+    # v2 side by side): a checkpoint path, or "embedded" for the embedded default model.
+    compare_checkpoint: str | None = None
     threads: int = 0
     quick: bool = False
     geometry: bool = True  # the geometry stage's cost, flicker and geometry-only transport (geometry.py)
@@ -149,14 +152,30 @@ def code_version() -> dict[str, Any]:
         return {"commit": None, "dirty": None}
 
 
-def prepare_model(opts: BenchOptions, work: Path) -> tuple[Any, str | None, str]:
-    """(bundle, checkpoint path for the node or None for the embedded model, weights description)."""
+EMBEDDED = "embedded"
+
+
+def prepare_model(
+    opts: BenchOptions, work: Path, checkpoint: str | None = None
+) -> tuple[Any, str | None, str]:
+    """(bundle, checkpoint path for the node or None for the embedded model, weights description).
+
+    ``checkpoint`` overrides ``opts.checkpoint`` (the comparison model); ``"embedded"`` names the
+    embedded default model explicitly.
+    """
     import torch
 
     from ..bundle import DEFAULT_MODEL_PATH, load_bundle
 
-    if opts.checkpoint:
-        return load_bundle(opts.checkpoint), opts.checkpoint, f"checkpoint {opts.checkpoint}"
+    checkpoint = checkpoint or opts.checkpoint
+    if checkpoint == EMBEDDED:
+        if not DEFAULT_MODEL_PATH.is_file():
+            raise FileNotFoundError(f"the embedded default model is not installed ({DEFAULT_MODEL_PATH})")
+        checkpoint = None
+    elif checkpoint:
+        if not Path(checkpoint).is_file():
+            raise FileNotFoundError(f"no checkpoint file {checkpoint}")
+        return load_bundle(checkpoint), checkpoint, f"checkpoint {checkpoint}"
     if DEFAULT_MODEL_PATH.is_file():
         return load_bundle(None), None, f"embedded default model ({DEFAULT_MODEL_PATH.name})"
     from ..checkpoint import save_native
@@ -508,13 +527,17 @@ def run_group(
     frames_dir: Path,
     checkpoint: str | None,
     progress: Any = print,
+    label: str = "",
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """All prompt counts for one engine and rate; (cells, the node's final accounting)."""
+    """All prompt counts for one engine and rate; (cells, the node's final accounting).
+
+    ``label`` names the model in progress lines when two models are compared.
+    """
     per_cell = opts.warmup_s + opts.measure_s + 5
     budget = 120 + per_cell * len(opts.prompts) * 3
     g = start_group(
         work,
-        f"{engine}-{fps_label(rate)}",
+        f"{label + '-' if label else ''}{engine}-{fps_label(rate)}",
         opts,
         engine,
         rate,
@@ -532,7 +555,10 @@ def run_group(
         actual = status["engine"].get("engine", engine)
         for k in opts.prompts:
             set_prompts(g.control, PROMPT_TEXTS[:k])
-            progress(f"  {engine:<12} {fps_label(rate):>11} fps  {k:>2} prompts: warm-up {opts.warmup_s:g} s")
+            progress(
+                f"  {label + ' ' if label else ''}{engine:<12} {fps_label(rate):>11} fps  {k:>2} prompts: "
+                f"warm-up {opts.warmup_s:g} s"
+            )
             time.sleep(opts.warmup_s)
             s0, c0, cs0 = stats(g.control), cpu_seconds(g.node.pid), cpu_seconds(g.sub.pid)
             peak_reset = reset_peak_rss(g.node.pid)
@@ -578,6 +604,35 @@ def run_group(
     return cells, final
 
 
+@dataclass
+class _Sweep:
+    """One model's part of a sweep: what it runs and what it measured."""
+
+    label: str
+    bundle: Any
+    checkpoint: str | None
+    weights: str
+    floor: dict[str, Any] = field(default_factory=dict)
+    baseline: dict[str, Any] = field(default_factory=dict)
+    cells: list[dict[str, Any]] = field(default_factory=list)
+    finals: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _attach_baseline_and_floor(cells: list[dict[str, Any]], floor: dict[str, Any]) -> None:
+    """Each cell's speed-up over its own model's naive baseline and its ratio to that model's floor."""
+    for c in cells:
+        b = c.pop("_baseline", None)
+        fl = floor["per_prompts"].get(str(c["prompts"]))
+        if b and "p50_ms" in c:
+            c["baseline_p50_ms"] = b["p50_ms"]
+            c["baseline_p99_ms"] = b["p99_ms"]
+            c["speedup_p50"] = b["p50_ms"] / c["p50_ms"]
+        if fl and "p50_ms" in c:
+            c["floor_ms"] = fl["floor_ms"]
+            c["compute_over_floor"] = c["node_compute_mean_ms"] / fl["floor_ms"]
+            c["p50_over_floor"] = c["p50_ms"] / fl["floor_ms"]
+
+
 def run_bench(opts: BenchOptions, progress: Any = print) -> dict[str, Any]:
     """The whole benchmark; returns the result dict and writes JSON, plots and the report."""
     import torch
@@ -621,6 +676,15 @@ def run_bench(opts: BenchOptions, progress: Any = print) -> dict[str, Any]:
             result["faults"] = run_faults(work, opts, frames_dir, checkpoint, bundle, progress)
         else:
             engines, skipped = resolve_engines(opts, bundle.model)
+            # One sweep per model; with --compare-checkpoint the second model's group runs right
+            # after the first's for every engine and rate (compare.py pairs them).
+            sweeps = [_Sweep("A" if opts.compare_checkpoint else "", bundle, checkpoint, weights)]
+            if opts.compare_checkpoint:
+                b_bundle, b_ckpt, b_weights = prepare_model(opts, work, opts.compare_checkpoint)
+                sweeps.append(_Sweep("B", b_bundle, b_ckpt, b_weights))
+                b_engines, b_skipped = resolve_engines(opts, b_bundle.model)
+                skipped.update({f"{e} (model B)": why for e, why in b_skipped.items()})
+                engines = [e for e in engines if e in b_engines]
             result["config"]["engines"] = engines
             result["config"]["engines_skipped"] = skipped
             if opts.geometry:
@@ -630,44 +694,56 @@ def run_bench(opts: BenchOptions, progress: Any = print) -> dict[str, Any]:
                     bundle, frames, PROMPT_TEXTS[: max(opts.prompts)], opts.quick, progress
                 )
             progress("floor: counting FLOPs and timing matmul ...")
-            result["floor"] = floor_report(
-                bundle.model, opts.prompts, opts.floor_seconds, text_encoder=bundle.text_encoder
-            )
-            base = NaiveBaseline(bundle.model, bundle.text_encoder)
-            result["baseline"] = {}
-            cells, finals = [], []
+            for sw in sweeps:
+                sw.floor = floor_report(
+                    sw.bundle.model, opts.prompts, opts.floor_seconds, text_encoder=sw.bundle.text_encoder
+                )
             for engine in engines:
                 for rate in opts.rates:
-                    # The baseline runs just before each group, paced at the group's rate, so the
-                    # two see the same machine minutes apart rather than a sweep apart.
-                    progress(
-                        f"  baseline     {fps_label(rate):>11} fps  naive loop, "
-                        f"{opts.baseline_frames} frames per prompt count"
-                    )
-                    bl = {
-                        str(k): time_baseline(base, frames, PROMPT_TEXTS[:k], opts.baseline_frames, rate=rate)
-                        for k in opts.prompts
-                    }
-                    result["baseline"][f"{engine}@{fps_label(rate)}"] = bl
-                    c, final = run_group(work, opts, engine, rate, frames_dir, checkpoint, progress)
-                    for cell in c:
-                        cell["_baseline"] = bl.get(str(cell["prompts"]))
-                    cells += c
-                    finals.append({"engine": engine, "fps_label": fps_label(rate), **final})
-            for c in cells:
-                b = c.pop("_baseline", None)
-                fl = result["floor"]["per_prompts"].get(str(c["prompts"]))
-                if b and "p50_ms" in c:
-                    c["baseline_p50_ms"] = b["p50_ms"]
-                    c["baseline_p99_ms"] = b["p99_ms"]
-                    c["speedup_p50"] = b["p50_ms"] / c["p50_ms"]
-                if fl and "p50_ms" in c:
-                    c["floor_ms"] = fl["floor_ms"]
-                    c["compute_over_floor"] = c["node_compute_mean_ms"] / fl["floor_ms"]
-                    c["p50_over_floor"] = c["p50_ms"] / fl["floor_ms"]
-            result["cells"] = cells
-            result["node_runs"] = finals
+                    for sw in sweeps:
+                        # The baseline runs just before each group, paced at the group's rate, so the
+                        # two see the same machine minutes apart rather than a sweep apart.
+                        progress(
+                            f"  {sw.label + ' ' if sw.label else ''}baseline     {fps_label(rate):>11} fps  "
+                            f"naive loop, {opts.baseline_frames} frames per prompt count"
+                        )
+                        base = NaiveBaseline(sw.bundle.model, sw.bundle.text_encoder)
+                        bl = {
+                            str(k): time_baseline(
+                                base, frames, PROMPT_TEXTS[:k], opts.baseline_frames, rate=rate
+                            )
+                            for k in opts.prompts
+                        }
+                        sw.baseline[f"{engine}@{fps_label(rate)}"] = bl
+                        c, final = run_group(
+                            work, opts, engine, rate, frames_dir, sw.checkpoint, progress, label=sw.label
+                        )
+                        for cell in c:
+                            cell["_baseline"] = bl.get(str(cell["prompts"]))
+                        sw.cells += c
+                        sw.finals.append({"engine": engine, "fps_label": fps_label(rate), **final})
+            for sw in sweeps:
+                _attach_baseline_and_floor(sw.cells, sw.floor)
+            first = sweeps[0]
+            result["floor"], result["baseline"] = first.floor, first.baseline
+            result["cells"] = first.cells
+            result["node_runs"] = first.finals
             result["targets"] = report.targets(result)
+            if len(sweeps) > 1:
+                from .compare import latency_targets, side_by_side
+
+                b = sweeps[1]
+                result["compare"] = {
+                    "model": b.bundle.model.cfg.name,
+                    "weights": b.weights,
+                    "floor": b.floor,
+                    "baseline": b.baseline,
+                    "cells": b.cells,
+                    "node_runs": b.finals,
+                    "targets": latency_targets(b.cells),
+                    "first_targets": latency_targets(first.cells),
+                }
+                result["side_by_side"] = side_by_side(first.cells, b.cells)
         result["machine"]["load_after"] = load_average()
         result["elapsed_s"] = time.monotonic() - t_start
         report.write_all(result, opts.out_dir, opts.report)
