@@ -150,8 +150,10 @@ def test_dead_slow_and_reconnecting_subscribers_do_not_hurt_the_others(tmp_path,
     assert 2 <= len(slow_got) <= 8  # it read about one a second, and always got one
     # The fast subscriber missed nothing because of the others (a loaded machine may cost it one).
     assert lost_faults <= 1, lost_faults
-    # Publishing never waited on any subscriber, and the pipeline did not stall.
-    assert faulted["publish_wait"]["p99_ms"] < 50
+    # Publishing never waited on any subscriber: one that blocked on the slow reader (a read a
+    # second) would wait about a second per message; a hiccup on a loaded machine is far shorter.
+    assert faulted["publish_wait"]["p99_ms"] < 0.5 * 1000
+    # ... and the pipeline did not stall (a ratio to the baseline just before, same machine).
     assert faulted["end_to_end"]["p50_ms"] < 2 * base["end_to_end"]["p50_ms"] + 100
     # Nothing leaked: the dead and reconnected peers' FDs are gone, no thread was left behind.
     assert fds1 <= fds0 + 2, (fds0, fds1)
@@ -575,13 +577,16 @@ def test_serve_log_level_shows_the_dicom_receipt_line(tmp_path, checkpoint, leve
         assert " DEBUG " not in err
 
 
+STUCK_STOP_S = 60  # how long the stuck stop below would hang
+
+
 def test_second_signal_forces_exit(tmp_path, checkpoint):
     """A stop that hangs (a stuck device driver, say) is cut short by a second signal."""
     prelude = (
         "import fluorosam_rt.node as _n\n"
         "_orig = _n.Node.stop\n"
         "def _stuck(self, *a, **k):\n"
-        "    print('stopping', flush=True); time.sleep(60); return _orig(self, *a, **k)\n"
+        f"    print('stopping', flush=True); time.sleep({STUCK_STOP_S}); return _orig(self, *a, **k)\n"
         "_n.Node.stop = _stuck\n"
     )
     proc = _serve(tmp_path, checkpoint, prelude)
@@ -591,11 +596,13 @@ def test_second_signal_forces_exit(tmp_path, checkpoint):
         assert proc.stdout.readline().strip() == "stopping"
         t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=20)
+        proc.wait(timeout=0.75 * STUCK_STOP_S)
         elapsed = time.monotonic() - t0
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
     assert proc.returncode == 130
-    assert elapsed < 15
+    # Cut short: well before the stuck stop would have returned by itself (a ratio to it, not a
+    # wall-clock bound that a loaded machine could miss).
+    assert elapsed < 0.75 * STUCK_STOP_S

@@ -354,11 +354,20 @@ def test_minilm_identity() -> None:
 
 
 def test_minilm_batch_of_100_is_fast(minilm: MiniLMTextEncoder) -> None:
+    """One batch of 100 prompts costs less than half of 100 one-prompt calls (measured under
+    load: 0.03-0.07 of it). A ratio on the same machine at the same moment, not a wall-clock
+    bound: padding every prompt to the model's 512-token limit, say, would break it."""
     texts = [f"structure {i}: the left lung apex and the {i}th rib" for i in range(100)]
+    minilm.encode(texts[:2])  # warm
+    start = time.perf_counter()
+    for t in texts[:5]:
+        minilm.encode([t])
+    per_prompt = (time.perf_counter() - start) / 5
     start = time.perf_counter()
     out = minilm.encode(texts)
+    batched = time.perf_counter() - start
     assert out.shape == (100, 384)
-    assert time.perf_counter() - start < 30.0  # seconds, not minutes, even on 2 shared cores
+    assert batched < 0.5 * 100 * per_prompt, (batched, per_prompt)
 
 
 def test_minilm_matches_transformers_bert(minilm: MiniLMTextEncoder, monkeypatch: pytest.MonkeyPatch) -> None:
