@@ -27,6 +27,7 @@ from fluorosam_rt.predictor import Predictor
 
 sys.path.insert(0, str(Path(__file__).parent))
 from outside_counts import assert_counted_from_outside
+from outside_counts import assert_counted_from_outside
 
 CELL_KEYS = (
     "engine",
@@ -167,6 +168,7 @@ def _check_contract(result: dict) -> None:
         assert run["in_flight"] == 0
         assert run["received"] == run["published"] + sum(run["dropped"].values())
         assert 0 < run["subscriber"]["received"] <= run["published"]
+        assert_counted_from_outside(run)  # source emitted and subscriber seq, not the node's own books
         assert_counted_from_outside(run)  # source emitted and subscriber seq, not the node's own books
 
 
