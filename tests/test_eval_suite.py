@@ -186,6 +186,23 @@ def test_absent_sample_is_a_fixed_subset() -> None:
     assert _sample_absent(names[:3], "x", 5) == names[:3]
 
 
+def test_capped_runs_spread_over_the_set_and_report_the_bodies_they_used(tmp_path: Path) -> None:
+    from train.evaluate import _case_indices
+
+    root = write_toy_fluoroseg(tmp_path / "fs", n_train=0, n_val=10, size=32)
+    cases = (root / "val.txt").read_text().split()
+    for k, case in enumerate(cases):
+        f = root / case / "case.json"
+        f.write_text(json.dumps({**json.loads(f.read_text()), "body": f"b{k // 5}"}))  # b0 then b1
+    ds = FluoroSegDataset(root, "val")
+    assert _case_indices(ds, EvalOptions(max_cases=3)) == [0, 1, 2]
+    assert _case_indices(ds, EvalOptions(max_cases=3, case_sample="spread")) == [0, 4, 9]
+    assert _case_indices(ds, EvalOptions(max_cases=20, case_sample="spread")) == list(range(10))
+    assert calibration_bodies([root], "val") == (["b0", "b1"], [])
+    first = {f"fs/{c}" for c in cases[:3]}
+    assert calibration_bodies([root], "val", first) == (["b0"], [])
+
+
 def test_tool_groups_pool_the_screw_categories() -> None:
     from train.eval_suite import tool_groups
 

@@ -18,8 +18,8 @@ seeds 777001+ are never used for training, whose chunks use 1000 + k, k < 1000, 
 * ``tools``: C-arm views of the training bodies (``synth --bodies all``) with every region scenario holding
   tools (``p_no_tools = 0``; training draws 0.3), in two roots read as one set: ``tools/general`` (seed
   777002, 60 views, 30 cases of 2, every region) and ``tools/vascular`` (seed 777003, 40 views, 20 cases,
-  only the regions with endovascular tool sites: chest, pelvis, lumbar and thoracic spine). Guidewires
-  come only from those sites, so without the second root a 60-view set held one guidewire.
+  chest views only, where most tool sites are endovascular). Guidewires come only from endovascular
+  sites, so the 60 general views held one.
 * ``calib``: one root per training body (``calib/<body>``), seed 777100 + k (k: the body's index in
   the sorted list), 4 views in 2 cases; chest radiographs (p 0.25) where a body has a chest region.
 
@@ -35,6 +35,12 @@ Splits and their absent prompts: the synthetic sets use every vocabulary categor
 empty (``--max-absent`` samples a fixed subset per image to bound the time). The real chest radiographs
 annotate only lungs, so their absent prompts are lower-limb structures assumed absent from every chest
 radiograph (``CHEST_ASSUMED_ABSENT``).
+
+Cost (measured on the 2-vCPU machine while training and data generation ran, load 6-8, with a 256-px
+realtime_v2 model, out/tiny_v2_run): the full run (77 + 40 + 100 images, 56 calibration images,
+``--max-absent 48``) took 181 s wall, 80 CPU-s. ``--max-cases`` / ``--max-calib-cases`` cap each set,
+sampling it evenly (every root and body stays in). Generating the sets took 156 s (held-out body),
+524 + 291 s (tools) and 353 s (calib), 22 min in all, once.
 
 Tool groups: ``screws`` pools the (image, category) pairs of bone_screw, cannulated_screw and
 pedicle_screw, each decoded with its own canonical prompt ("screw", "cannulated screw", "pedicle screw");
@@ -58,7 +64,9 @@ DEFAULT_CHEST = REPO_ROOT.parent / "shared" / "data" / "chest-xray-hannover"
 HELDOUT_SEED = 777001
 TOOLS_SEED = 777002
 VASCULAR_SEED = 777003
-VASCULAR_REGIONS = ["chest", "pelvis", "lumbar_spine", "thoracic_spine"]  # regions with endovascular sites
+# Chest views: the region whose tool sites are most often endovascular (guidewire, catheter). With the
+# pelvis and spine regions too, 100 tool views held 3 guidewires (the fracture-pelvis bodies have no vessels).
+VASCULAR_REGIONS = ["chest"]
 CALIB_SEED = 777100  # + the body's index among the sorted training bodies
 SIZE = 256
 CHEST_ASSUMED_ABSENT = (
@@ -184,7 +192,9 @@ def calibrate_copy(
     dst = out_dir / "model_calibrated.safetensors"
     shutil.copyfile(checkpoint, dst)
     calib = sets_dir / "calib"
-    opt = EvalOptions(clicks=(), cases="all", max_cases=max_cases, max_absent=max_absent)
+    opt = EvalOptions(
+        clicks=(), cases="all", max_cases=max_cases, case_sample="spread", max_absent=max_absent
+    )
     t0 = time.perf_counter()
     t = calibrate_checkpoint(str(dst), str(calib), "val", opt, max_fpr=0.05)
     from fluorosam_rt.checkpoint import load_native
@@ -239,6 +249,7 @@ def split_options(split: str, max_cases: int, max_absent: int, max_phrasings: in
     common = dict(
         clicks=(),
         max_cases=max_cases,
+        case_sample="spread",  # a capped run still sees every root and body of a set
         max_absent=max_absent,
         phrasings="heldout",
         max_phrasings=max_phrasings,
@@ -397,7 +408,7 @@ def markdown(rows: list[dict], context: dict[str, Any]) -> str:
         "",
         f"{met} of {known} measured targets met ({len(rows) - known} not measured). Text prompts only.",
         "",
-        "| target | measured | target | met? | JSON |",
+        "| target | measured | goal | met? | JSON |",
         "| --- | --- | --- | --- | --- |",
     ]
     for r in rows:
@@ -432,15 +443,16 @@ def markdown(rows: list[dict], context: dict[str, Any]) -> str:
         r = context.get("splits", {}).get(s)
         if not r:
             continue
-        note = ""
+        notes = []
         if s == "real_chest":
-            note = "absent = lower-limb prompts assumed absent; Dice over all cases"
+            notes.append("absent = lower-limb prompts assumed absent; Dice over all cases")
         elif s == "tools":
-            note = "; ".join(f"{g} n={v['n']}" for g, v in (r.get("tool_groups") or {}).items())
+            notes += [f"{g} n={v['n']}" for g, v in (r.get("tool_groups") or {}).items()]
         para = r.get("paraphrase", {})
         if para:
             n_para = para["overall"]["n_structures"]
-            note += f"; paraphrase: {n_para} structures with canonical Dice >= {para.get('floor')}"
+            notes.append(f"paraphrase: {n_para} structures with canonical Dice >= {para.get('floor')}")
+        note = "; ".join(notes)
         cells = (
             s,
             f"`{r.get('data')}`",
@@ -464,7 +476,13 @@ def markdown(rows: list[dict], context: dict[str, Any]) -> str:
                 f"{info['generation_seconds']} | {len(info['cases_per_body'])} |"
             )
     if context.get("limits"):
-        lines += ["", f"Limits: {json.dumps(context['limits'])} (0 = none)."]
+        lines += ["", f"Limits: {json.dumps(context['limits'])} (0 = none; capped sets are sampled evenly)."]
+    if context.get("seconds_total") is not None:
+        lines += [
+            "",
+            f"Wall time of the whole run: {context['seconds_total']} s (eval sets generated now: "
+            f"{sum(len(i.get('generated_now', [])) for i in sets.values())} roots).",
+        ]
     lines += ["", f"Command: `{context.get('command', '')}`", ""]
     return "\n".join(lines)
 

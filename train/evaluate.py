@@ -51,6 +51,7 @@ class EvalOptions:
     min_area_fraction: float = 0.0  # present structures smaller than this are skipped
     max_cases: int = 0
     cases: str = "all"  # all | even | odd (calibration / held-out halves of one split)
+    case_sample: str = "first"  # which max_cases: the first ones, or spread evenly over the set
     absent: bool = True
     structures: tuple[str, ...] = ()  # restrict to these names (empty: all)
     max_absent: int = 0  # absent prompts per case: all (0) or a deterministic sample of this many
@@ -69,7 +70,9 @@ def _case_indices(ds: XrayDataset, opt: EvalOptions) -> list[int]:
         idx = idx[0::2]
     elif opt.cases == "odd":
         idx = idx[1::2]
-    if opt.max_cases > 0:
+    if opt.max_cases > 0 and opt.case_sample == "spread" and len(idx) > opt.max_cases:
+        idx = [idx[k] for k in np.linspace(0, len(idx) - 1, opt.max_cases).round().astype(int)]
+    elif opt.max_cases > 0:
         idx = idx[: opt.max_cases]
     return idx
 
@@ -472,6 +475,7 @@ def calibrate(predictor, ds: XrayDataset, opt: EvalOptions, max_fpr: float = 0.0
         min_area_fraction=opt.min_area_fraction,
         max_cases=opt.max_cases,
         cases=opt.cases,
+        case_sample=opt.case_sample,
         max_absent=opt.max_absent,
     )
     rows = run_cases(predictor, ds, o, progress=False)
@@ -521,6 +525,7 @@ def evaluate(
         "presence_threshold": predictor.presence_threshold,
         "options": {
             "max_cases": opt.max_cases,
+            "case_sample": opt.case_sample,
             "cases": opt.cases,
             "max_absent": opt.max_absent,
             "assume_absent": list(opt.assume_absent),
@@ -563,6 +568,7 @@ def run_eval(args: argparse.Namespace) -> int:
         min_area_fraction=args.min_area,
         max_cases=args.max_cases,
         cases=args.cases,
+        case_sample=args.case_sample,
         structures=names(args.structures),
         max_absent=args.max_absent,
         assume_absent=names(args.assume_absent),
@@ -591,10 +597,13 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def calibration_bodies(roots: Sequence[str | Path], split: str) -> tuple[list[str], list[str]]:
+def calibration_bodies(
+    roots: Sequence[str | Path], split: str, only: set[str] | None = None
+) -> tuple[list[str], list[str]]:
     """Bodies whose views a FluoroSeg split holds, and those of them that are held out (case.json).
 
-    Cases written before per-case bodies were recorded (or by the toy writer) name none.
+    ``only``: restrict to these ``<root name>/<case>`` keys (the cases a capped run uses). Cases
+    written before per-case bodies were recorded (or by the toy writer) name none.
     """
     from train.fluoroseg import fluoroseg_roots
 
@@ -607,6 +616,8 @@ def calibration_bodies(roots: Sequence[str | Path], split: str) -> tuple[list[st
                 if not f.is_file():
                     continue
                 for case in (ln.strip() for ln in f.read_text().splitlines() if ln.strip()):
+                    if only is not None and f"{root.name}/{case}" not in only:
+                        continue
                     info = json.loads((root / case / "case.json").read_text(encoding="utf-8"))
                     if info.get("body"):
                         bodies.add(str(info["body"]))
@@ -628,15 +639,18 @@ def calibrate_checkpoint(
     from train.fluoroseg import FluoroSegDataset
 
     roots = [data] if isinstance(data, str) else list(data)
-    bodies, heldout = calibration_bodies(roots, split)
+    _, heldout = calibration_bodies(roots, split)
     if heldout:
         raise SystemExit(
             f"calibration data holds views of held-out bodies ({', '.join(heldout)}); "
             "calibrate on training bodies only (e.g. the eval suite's calib set)"
         )
     sets = [FluoroSegDataset(r, split) for r in roots]
+    ds = sets[0] if len(sets) == 1 else ConcatXray(sets)
+    used = {ds.case_id(i).rsplit("/", 1)[0] for i in _case_indices(ds, opt)}
+    bodies, _ = calibration_bodies(roots, split, used)
     predictor, _ = make_predictor(checkpoint)
-    t = calibrate(predictor, sets[0] if len(sets) == 1 else ConcatXray(sets), opt, max_fpr)
+    t = calibrate(predictor, ds, opt, max_fpr)
     nm = load_native(checkpoint)
     meta = dict(nm.meta)
     meta["presence_threshold"] = float(t)
@@ -645,6 +659,7 @@ def calibrate_checkpoint(
         "split": split,
         "cases": opt.cases,
         "max_cases": opt.max_cases,
+        "case_sample": opt.case_sample,
         "max_absent": opt.max_absent,
         "max_fpr": max_fpr,
         "bodies": bodies,

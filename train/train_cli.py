@@ -49,6 +49,12 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clicks", default="1,3,8", help="click counts to report ('' for text-only)")
     p.add_argument("--min-area", type=float, default=0.0, help="skip present masks below this image fraction")
     p.add_argument("--max-cases", type=int, default=0)
+    p.add_argument(
+        "--case-sample",
+        choices=["first", "spread"],
+        default="first",
+        help="with --max-cases: the first images, or images spread evenly over the set (every root)",
+    )
     p.add_argument("--cases", choices=["all", "even", "odd"], default="all")
     p.add_argument("--structures", default="", help="comma-separated structure names to evaluate")
     p.add_argument(
