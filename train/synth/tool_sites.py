@@ -760,7 +760,11 @@ def site_wrist(rng: np.random.Generator, anat: Anatomy, side: str | None, kind: 
 
 
 def _metacarpal_lines(anat: Anatomy, side: str) -> list[tuple[np.ndarray, np.ndarray, float]]:
-    """(centre, axis toward the wrist, half length) of each metacarpal, split by gaps across the hand."""
+    """(centre, axis toward the wrist, half length) of each metacarpal.
+
+    The metacarpals converge at their bases, so they are told apart in a slice across their middles (by the
+    gaps between them across the hand); each is then fitted to the points near its line.
+    """
     name = f"metacarpals_{side}"
     hf = anat.hand_frame(side)
     if not anat.has(name) or hf is None:
@@ -768,19 +772,27 @@ def _metacarpal_lines(anat: Anatomy, side: str) -> list[tuple[np.ndarray, np.nda
     _, prox, palm = hf
     across = np.cross(prox, palm)
     pts = anat.points(name)
-    w = pts @ across
+    u = pts @ prox
+    lo, hi = np.quantile(u, [0.05, 0.95])
+    mid = pts[np.abs(u - (lo + hi) / 2) < (hi - lo) / 6]
+    w = mid @ across
     order = np.argsort(w)
-    ws = w[order]
-    cuts = np.nonzero(np.diff(ws) > 2.0)[0]
-    groups = np.split(order, cuts + 1)
+    cuts = np.nonzero(np.diff(w[order]) > 1.5)[0]
     out = []
-    for g in groups:
-        if len(g) < 15:
+    for g in np.split(order, cuts + 1):
+        if len(g) < 8:
             continue
-        c, _, ev = pca(pts[g])
-        ax = ev[0] if ev[0] @ prox > 0 else -ev[0]
-        u = (pts[g] - c) @ ax
-        out.append((c, ax, float(np.ptp(u)) / 2))
+        c, ax = mid[g].mean(0), prox
+        for radius in (6.0, 5.0):  # points near the line, refitted
+            sel = pts[np.linalg.norm(np.cross(pts - c, ax), axis=1) < radius]
+            if len(sel) < 15:
+                break
+            c, _, ev = pca(sel)
+            ax = ev[0] if ev[0] @ prox > 0 else -ev[0]
+        sel = pts[np.linalg.norm(np.cross(pts - c, ax), axis=1) < 5.0]
+        if len(sel) >= 15:
+            v = (sel - c) @ ax
+            out.append((c + ax * float(v.max() + v.min()) / 2, ax, float(np.ptp(v)) / 2))
     return out
 
 
