@@ -381,3 +381,13 @@ def test_suite_cli_rejects_bad_input(tmp_path: Path, capsys: pytest.CaptureFixtu
         == 2
     )
     assert "unknown split(s) lungs" in capsys.readouterr().err
+
+
+def test_eval_cli_names_an_unknown_assumed_absent_structure(tmp_path: Path) -> None:
+    from train.cli import main
+
+    chest = write_toy_folder(tmp_path / "chest", n=1, size=32)
+    with pytest.raises(
+        SystemExit, match="--assume-absent: unknown structure name 'femurr_left'; did you mean"
+    ):
+        main(["eval", "--data", str(chest), "--assume-absent", "femurr_left"])

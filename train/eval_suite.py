@@ -578,8 +578,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     a = ap.parse_args(argv)
     a.argv = argv
+    from train.synth.ct_source import CTInputError
+
     if a.cmd == "sets":
-        print(json.dumps(ensure_sets(Path(a.sets_dir)), indent=1))
+        try:
+            print(json.dumps(ensure_sets(Path(a.sets_dir)), indent=1))
+        except CTInputError as e:  # e.g. no body built yet
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         return 0
     if not Path(a.checkpoint).is_file():
         print(f"error: checkpoint not found: {a.checkpoint}", file=sys.stderr)
@@ -591,7 +597,11 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         print(f"error: unknown split(s) {', '.join(bad)}; choose from {', '.join(SPLITS)}", file=sys.stderr)
         return 2
-    run_suite(a)
+    try:
+        run_suite(a)
+    except CTInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

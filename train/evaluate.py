@@ -577,6 +577,13 @@ def run_eval(args: argparse.Namespace) -> int:
         phrasing_structures=names(args.phrasing_structures),
         paraphrase_floor=args.paraphrase_floor,
     )
+    from train.synth.vocabulary import UnknownStructureError, Vocabulary
+
+    for n in opt.assume_absent:
+        try:
+            Vocabulary.load().get(n)
+        except UnknownStructureError as e:
+            raise SystemExit(f"--assume-absent: {e}") from None
     if args.calibrate:
         if not args.checkpoint:
             raise SystemExit("--calibrate needs --checkpoint (the file the threshold is written into)")
