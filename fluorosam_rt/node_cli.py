@@ -147,7 +147,8 @@ def _serve(args: argparse.Namespace) -> int:
         if metrics is not None:
             metrics.stop()
         final = app.stop()
-    print(json.dumps({"event": "stopped", **final}), flush=True)
+    # The source's own count, outside the node's books: tests compare it with "received".
+    print(json.dumps({"event": "stopped", **final, "source_emitted": app.node.source.emitted}), flush=True)
     return 0
 
 

@@ -6,9 +6,14 @@ what the benchmark measures on a quiet machine, so no timing is asserted here.
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 from fluorosam_rt.bench.faults import phase_plan
 from fluorosam_rt.bench.runner import BenchOptions, run_bench
+
+sys.path.insert(0, str(Path(__file__).parent))
+from outside_counts import assert_counted_from_outside
 
 
 def test_phase_plan_alternates_abba():
@@ -69,6 +74,7 @@ def test_tiny_faults_run_measures_both_phases_and_keeps_the_books(tmp_path, chec
     assert final["in_flight"] == 0
     assert final["received"] == final["published"] + sum(final["dropped"].values())
     assert 0 < final["subscriber"]["received"] <= final["published"]
+    assert_counted_from_outside(final)  # source emitted and subscriber seq, not the node's own books
     sm = fa["summary"]
     for kind in ("baseline", "faults"):
         assert sm[kind]["phases"] == 1

@@ -54,7 +54,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             t = msg.timestamps_ns
             rows[n] = (msg.frame_id, msg.seq, mono, wall, t.get("source", 0), len(msg.prompts))
             n += 1
-        counters = {"received": n, "skipped": sub.skipped, "lost": sub.lost, "errors": errors}
+        # first/last seq: with received and lost, what the publisher numbered, counted from outside
+        seqs = rows[:n, 1]
+        counters = {
+            "received": n,
+            "skipped": sub.skipped,
+            "lost": sub.lost,
+            "errors": errors,
+            "first_seq": int(seqs[0]) if n else None,
+            "last_seq": int(seqs[-1]) if n else None,
+        }
     np.savez(args.out + ".npz", rows=rows[:n], columns=np.array(COLUMNS))
     with open(args.out + ".json", "w") as f:
         json.dump(counters, f)
