@@ -26,12 +26,13 @@ class TorchEngine(Engine):
         self.model = model.to(self.device).eval()
         self.dims = GraphDims.of(self.model)
         self.image_encoder = self.model.image_encoder
-        self.fused = fuse and has_batchnorm(self.image_encoder)
+        # The conv encoders (small, v2 Lite) fold their BatchNorms; the official Swin build's
+        # neck keeps its own (its layout must stay key-for-key the checkpoint's) and is not copied.
+        foldable = self.model.cfg.image_encoder.kind in ("small", "lite")
+        self.fused = fuse and foldable and has_batchnorm(self.image_encoder)
         if self.fused:
             # Fold BatchNorm into the convs on a private copy: the model itself stays trainable
-            # and its state dict unchanged, while the frame path saves one op per conv. The
-            # encoder knows its own layers (small and v2 Lite encoders); Swin has no BatchNorm
-            # and is never copied.
+            # and its state dict unchanged, while the frame path saves one op per conv.
             self.image_encoder = copy.deepcopy(self.image_encoder).fuse_for_inference()
             if has_batchnorm(self.image_encoder):
                 raise EngineError("fuse_for_inference left BatchNorm layers in the image encoder")

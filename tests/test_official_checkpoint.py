@@ -176,8 +176,10 @@ def test_golden_end_to_end(golden_model, golden_io):
         torch.testing.assert_close(iou, golden_io[f"{case}/iou_predictions"], atol=1e-6, rtol=0)
         assert result.best_index == int(golden_io[f"{case}/best_index"])
         assert result.score == pytest.approx(float(golden_io[f"{case}/best_iou"]), abs=1e-6)
+        # The full-size resize is OpenCV's (fluorosam_rt/postprocess.py), whose bilinear source
+        # coordinates are not torch's float32 ones: the fixture's note gives atol 1e-4 for that case.
         torch.testing.assert_close(
-            torch.from_numpy(result.logits), golden_io[f"{case}/final_mask"], atol=1e-5, rtol=0
+            torch.from_numpy(result.logits), golden_io[f"{case}/final_mask"], atol=1e-4, rtol=0
         )
 
 
