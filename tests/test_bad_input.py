@@ -20,6 +20,7 @@ import zmq
 
 from bridge.protocol import (
     MAX_HEADER_BYTES,
+    PROTOCOL_VERSION,
     MaskMessage,
     PromptResult,
     ProtocolError,
@@ -331,7 +332,7 @@ def _wire() -> list[bytes]:
         (lambda f: [f[0], b"\x00" * (MAX_HEADER_BYTES + 1), *f[2:]], ProtocolError),  # oversized header
         (lambda f: [*f, b"extra"], ProtocolError),  # more parts than announced
         (
-            lambda f: [f[0], msgpack.packb({**msgpack.unpackb(f[1]), "v": 2}), *f[2:]],
+            lambda f: [f[0], msgpack.packb({**msgpack.unpackb(f[1]), "v": PROTOCOL_VERSION + 1}), *f[2:]],
             ProtocolVersionError,
         ),
         (lambda f: [f[0], msgpack.packb({**msgpack.unpackb(f[1]), "v": 0}), *f[2:]], ProtocolVersionError),
@@ -344,7 +345,7 @@ def _wire() -> list[bytes]:
         "long_payload",
         "huge_header",
         "extra",
-        "v2",
+        "v_next",
         "v0",
     ],
 )
