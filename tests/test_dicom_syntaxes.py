@@ -295,7 +295,7 @@ def test_multiframe_jpeg_lossless_cine_every_frame_accounted(node, tmp_path):
     published = after["published"] - before["published"]
     dropped = after["dropped_total"] - before["dropped_total"]
     assert published + dropped == 12, (before, after)
-    msgs = _messages_for(sub, str(pydicom.dcmread(cine).SOPInstanceUID), published, timeout=10)
+    msgs = _messages_for(sub, str(pydicom.dcmread(cine).SOPInstanceUID), published, timeout=30)
     assert len(msgs) == published
     assert sorted({m.source["frame_index"] for m in msgs}) == sorted(m.source["frame_index"] for m in msgs)
     assert all(m.source["num_frames"] == 12 for m in msgs)
