@@ -430,5 +430,6 @@ def anatomy_of(vol: PreparedVolume, vocab: Vocabulary) -> Anatomy:
         return hit[2]
     anat = Anatomy(vol, vocab)
     key = id(vol)
-    _CACHE[key] = (weakref.ref(vol, lambda _r: _CACHE.pop(key, None)), id(vocab), anat)
+    # The callback holds the dict itself: at interpreter exit the module global may already be None.
+    _CACHE[key] = (weakref.ref(vol, lambda _r, cache=_CACHE: cache.pop(key, None)), id(vocab), anat)
     return anat
