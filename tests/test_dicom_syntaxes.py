@@ -237,7 +237,10 @@ def test_jpeg_extended_12bit_equals_dcmdjpeg_without_stderr_noise(encoded):
 def node(tmp_path_factory, bundle):
     tmp = tmp_path_factory.mktemp("node")
     source = {"kind": "dicom", "host": "127.0.0.1", "port": 0, "ae_title": "FSAMTEST", "multiframe_fps": 10}
-    with running_node(tmp, bundle, source, prompts=("lungs",)) as (app, sub):
+    # A recorder's settings: neither side of the socket drops. With the defaults (2 queued messages
+    # each way) a subscriber that reads only after a 12-frame cine was processed may lose one by
+    # design (publish.py); these tests check that every frame is decoded and published.
+    with running_node(tmp, bundle, source, prompts=("lungs",), rcvhwm=1000, sndhwm=1000) as (app, sub):
         yield app, sub, tmp
 
 

@@ -45,7 +45,7 @@ def assert_accounting(final: dict) -> None:
 
 
 @contextmanager
-def running_node(tmp_path: Path, bundle, source: dict, prompts=("lungs",), **publish):
+def running_node(tmp_path: Path, bundle, source: dict, prompts=("lungs",), rcvhwm: int = 2, **publish):
     settings = load_settings(
         None,
         {
@@ -56,7 +56,7 @@ def running_node(tmp_path: Path, bundle, source: dict, prompts=("lungs",), **pub
         },
     )
     app = build_app(settings, bundle=bundle)
-    sub = Subscriber(f"ipc://{tmp_path}/masks", topic="carm0")
+    sub = Subscriber(f"ipc://{tmp_path}/masks", topic="carm0", rcvhwm=rcvhwm)
     app.final = None
     source = app.node.source
     try:
