@@ -191,14 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", help="write results here")
     bench.set_defaults(func=cmd_bench_model)
 
-    from engines.commands import add_engine_parser
+    from .engine_cli import add_engine_parser
 
     add_engine_parser(sub)
 
     from .node_cli import add_node_commands
 
     add_node_commands(sub)
-    from .sources.dicom_cli import add_dicom_commands
+    from .dicom_cli import add_dicom_commands
 
     add_dicom_commands(sub)
     # Listed for --help only: main() hands "bridge ..." to bridge.cli before this parser exists.

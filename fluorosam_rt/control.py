@@ -13,7 +13,7 @@ Requests (see docs/protocol.md):
   {"cmd": "flow", "since"?: N, "limit"?: N}    raw flow-tracking rows (monotonic ns per stage)
 
 add/set replies also carry "hints": per requested prompt {"id", "text", "far", "similarity", "nearest":
-[[canonical prompt, similarity], ...]} (fluorosam_rt/prompt_hints.py), or null without a hint table.
+[[canonical prompt, similarity], ...]} (fluorosam_rt/prompt_hints/), or null without a hint table.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-from .imageio import ImageReadError
+from .image_errors import ImageReadError
 
 JPEG_FAMILY = {
     "1.2.840.10008.1.2.4.50",

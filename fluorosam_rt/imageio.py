@@ -40,16 +40,14 @@ from typing import Any
 
 import numpy as np
 
+from .image_errors import ImageReadError
+
 __all__ = ["ImageReadError", "XrayImage", "read_dicom_frames", "read_image"]
 
 _RGB_WEIGHTS = (0.299, 0.587, 0.114)
 _DICOM_EXTS = {".dcm", ".dicom", ".dic"}
 _RASTER_EXTS = {".png", ".jpg", ".jpeg", ".bmp"}
 _TIFF_EXTS = {".tif", ".tiff"}
-
-
-class ImageReadError(ValueError):
-    """An image file could not be turned into a 2-D X-ray array; the message names file and cause."""
 
 
 @dataclass

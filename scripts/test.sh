@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The project's test command (README and .ci/run). Sets up .venv if needed, installs the
-# external tools the tests use, lints, then runs pytest. "--slow" also runs tests marked slow
+# external tools the tests use, lints (ruff, and lint-imports for the layers), then runs pytest. "--slow" also runs tests marked slow
 # (and installs what they need). A required tool that is missing and cannot be installed fails
 # the run here, before pytest: no test may skip or pass silently for want of it. pytest's exit
 # code 5 (no tests collected) is treated as a failure so an empty run can never pass silently.
@@ -63,6 +63,7 @@ fi
 
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+.venv/bin/lint-imports --no-cache  # the layers and boundaries in pyproject.toml [tool.importlinter]
 set +e
 .venv/bin/python -m pytest "${marker[@]}" "${args[@]}"
 rc=$?

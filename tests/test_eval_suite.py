@@ -152,7 +152,7 @@ def test_summary_floor_negative_drops_and_worst_phrasings() -> None:
 
 
 def test_assumed_absent_prompts_on_a_labelled_folder(tmp_path: Path) -> None:
-    from train.data import LabelledFolder
+    from train.labelled_folder import LabelledFolder
 
     ds = LabelledFolder(write_toy_folder(tmp_path / "chest", n=3, size=48))
     assumed = ("femur_left", "left_foot", "lungs")  # lungs is present: never counted absent

@@ -13,7 +13,8 @@ import pytest
 
 from fluorosam_rt.phrasings import Phrasing, expand_entry, expand_vocabulary, split_heldout
 from fluorosam_rt.text.base import normalize_prompt
-from train.data import StructureInfo, all_prompt_texts
+from train.data import all_prompt_texts
+from train.dataset import StructureInfo
 from train.prompt_sampling import PromptSamplingConfig, choose_text
 from train.synth.vocabulary import Vocabulary
 

@@ -12,8 +12,9 @@ import torch
 
 from fluorosam_rt.preprocess import Preprocessor
 from train.augment import AugmentConfig
-from train.data import LabelledFolder, TextFeatureBank, mask_to_model_frame, open_dataset
+from train.data import TextFeatureBank, mask_to_model_frame, open_dataset
 from train.fluoroseg import FluoroSegDataset, is_fluoroseg
+from train.labelled_folder import LabelledFolder
 from train.prompt_sampling import PromptedImages, PromptSamplingConfig, collate
 from train.toyset import write_toy_fluoroseg, write_toy_folder
 

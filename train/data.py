@@ -1,6 +1,6 @@
-"""Datasets for training and evaluation, and the cached text features the trainer feeds the model.
+"""Opening a data set by its layout, and the cached text features the trainer feeds the model.
 
-Two on-disk layouts are read behind one small interface (``XrayDataset``):
+Two on-disk layouts are read behind one small interface (``train.dataset.XrayDataset``):
 
 * the labelled X-ray folder (``images/``, ``masks/<structure>/``, ``prompts.json``), documented in
   ``../shared/data/chest-xray-hannover/README.md``; any folder in that layout works;
@@ -16,9 +16,7 @@ every label of its CT, so an empty projection there is a real "not in view". Tea
 from __future__ import annotations
 
 import json
-from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,220 +24,11 @@ import cv2
 import numpy as np
 import torch
 
-from fluorosam_rt.imageio import read_image
 from fluorosam_rt.preprocess import Preprocessor
 from fluorosam_rt.text.base import TextEncoder, normalize_prompt
-
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".bmp")
-
-
-@dataclass(frozen=True)
-class StructureInfo:
-    """How a structure is prompted: its canonical text and alternative phrasings."""
-
-    name: str
-    prompt: str
-    phrasings: tuple[str, ...] = ()
-    kind: str = "structure"  # structure | group | tool
-
-    @property
-    def texts(self) -> tuple[str, ...]:
-        return (self.prompt, *[p for p in self.phrasings if p != self.prompt])
-
-
-@dataclass
-class CaseData:
-    """One image with the masks asked for (present structures) and its known-absent structures."""
-
-    id: str
-    image: np.ndarray
-    masks: dict[str, np.ndarray]
-    absent: list[str]
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-class XrayDataset(ABC):
-    """Cases with per-structure masks. ``load`` decodes only the masks it is asked for."""
-
-    structures: dict[str, StructureInfo]
-    complete_labels: bool  # whether unlisted-but-annotated structures can be treated as absent
-
-    @abstractmethod
-    def __len__(self) -> int: ...
-
-    @abstractmethod
-    def case_id(self, i: int) -> str: ...
-
-    @abstractmethod
-    def present(self, i: int) -> list[str]:
-        """Structures with a non-empty mask in case i (from an index, without decoding)."""
-
-    @abstractmethod
-    def absent(self, i: int) -> list[str]:
-        """Structures known to be absent from case i."""
-
-    @abstractmethod
-    def load(self, i: int, names: Sequence[str] | None = None) -> CaseData:
-        """Image and masks of the requested present structures (all present ones if None)."""
-
-    def case_meta(self, i: int) -> dict[str, Any]:
-        return {}
-
-
-def _read_mask(path: Path) -> np.ndarray:
-    m = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if m is None:
-        raise ValueError(f"cannot read mask {path}")
-    if m.ndim == 3:
-        m = m[..., 0]
-    return m > 0
-
-
-def _vocabulary_structures() -> dict[str, StructureInfo]:
-    """Prompt texts from configs/vocabulary.yaml (empty if the vocabulary cannot be read)."""
-    try:
-        from train.synth.vocabulary import Vocabulary
-
-        voc = Vocabulary.load()
-    except Exception:  # the vocabulary is an optional source of phrasings
-        return {}
-    return {c.name: StructureInfo(c.name, c.prompt, tuple(c.phrasings), c.kind) for c in voc.categories}
-
-
-class LabelledFolder(XrayDataset):
-    """The simple labelled X-ray folder: images/<id>.<ext>, masks/<structure>/<id>.png, prompts.json.
-
-    ``prompts`` (a mapping or a JSON file) overrides the folder's prompts.json, so the same masks
-    can be evaluated under other phrasings. Phrasings for training come from the vocabulary when
-    a structure folder is named like a vocabulary entry.
-    """
-
-    complete_labels = False
-
-    def __init__(self, root: str | Path, prompts: str | Path | dict[str, str] | None = None) -> None:
-        self.root = Path(root)
-        img_dir = self.root / "images"
-        if not img_dir.is_dir():
-            raise FileNotFoundError(f"{self.root}: no images/ folder (labelled X-ray folder layout)")
-        if prompts is None:
-            pj = self.root / "prompts.json"
-            mapping = json.loads(pj.read_text(encoding="utf-8")) if pj.is_file() else {}
-        elif isinstance(prompts, dict):
-            mapping = dict(prompts)
-        else:
-            mapping = json.loads(Path(prompts).read_text(encoding="utf-8"))
-        mask_root = self.root / "masks"
-        folders = sorted(p.name for p in mask_root.iterdir() if p.is_dir()) if mask_root.is_dir() else []
-        for name in folders:
-            mapping.setdefault(name, name.replace("_", " "))
-        vocab = _vocabulary_structures()
-        self.structures = {}
-        for name, text in mapping.items():
-            if not isinstance(text, str):
-                raise ValueError(f"prompts: the prompt of {name!r} must be a string")
-            phr = vocab[name].texts if name in vocab else ()
-            self.structures[name] = StructureInfo(name, text, tuple(p for p in phr if p != text))
-        self._images = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS)
-        self._index: dict[int, tuple[list[str], list[str]]] = {}
-        index_file = self.root / "index.json"
-        self._meta: dict[str, dict[str, Any]] = {}
-        if index_file.is_file():
-            rows = json.loads(index_file.read_text(encoding="utf-8"))
-            if isinstance(rows, dict):  # {"cases": [...]} or a bare list
-                rows = rows.get("cases", [])
-            for row in rows:
-                if isinstance(row, dict) and "id" in row:
-                    self._meta[str(row["id"])] = row
-
-    def __len__(self) -> int:
-        return len(self._images)
-
-    def case_id(self, i: int) -> str:
-        return self._images[i].stem
-
-    def case_meta(self, i: int) -> dict[str, Any]:
-        return self._meta.get(self.case_id(i), {})
-
-    def _mask_path(self, name: str, case: str) -> Path | None:
-        d = self.root / "masks" / name
-        for ext in (".png", ".tif", ".tiff", ".bmp"):
-            p = d / f"{case}{ext}"
-            if p.is_file():
-                return p
-        return None
-
-    def _scan(self, i: int) -> tuple[list[str], list[str]]:
-        if i not in self._index:
-            present, absent = [], []
-            for name in self.structures:
-                p = self._mask_path(name, self.case_id(i))
-                if p is None:
-                    continue
-                (present if _read_mask(p).any() else absent).append(name)
-            self._index[i] = (present, absent)
-        return self._index[i]
-
-    def present(self, i: int) -> list[str]:
-        return list(self._scan(i)[0])
-
-    def absent(self, i: int) -> list[str]:
-        return list(self._scan(i)[1])
-
-    def load(self, i: int, names: Sequence[str] | None = None) -> CaseData:
-        case = self.case_id(i)
-        image = read_image(self._images[i]).pixels
-        want = self.present(i) if names is None else list(names)
-        masks = {}
-        for name in want:
-            p = self._mask_path(name, case)
-            if p is None:
-                continue
-            m = _read_mask(p)
-            if m.shape != image.shape[:2]:
-                raise ValueError(f"mask {p} is {m.shape}, image is {image.shape[:2]}")
-            if m.any():
-                masks[name] = m
-        return CaseData(case, image, masks, self.absent(i), self.case_meta(i))
-
-
-class ConcatXray(XrayDataset):
-    """Several data sets read as one (their structure tables are merged)."""
-
-    def __init__(self, sets: list[XrayDataset]) -> None:
-        self.sets = sets
-        self.structures = {}
-        for s in sets:
-            self.structures.update(s.structures)
-        self.complete_labels = all(s.complete_labels for s in sets)
-        self._offsets = np.cumsum([0] + [len(s) for s in sets])
-
-    def _loc(self, i: int) -> tuple[XrayDataset, int]:
-        k = int(np.searchsorted(self._offsets, i, side="right") - 1)
-        return self.sets[k], i - int(self._offsets[k])
-
-    def __len__(self) -> int:
-        return int(self._offsets[-1])
-
-    def case_id(self, i: int) -> str:
-        s, j = self._loc(i)
-        return s.case_id(j)
-
-    def present(self, i: int) -> list[str]:
-        s, j = self._loc(i)
-        return s.present(j)
-
-    def absent(self, i: int) -> list[str]:
-        s, j = self._loc(i)
-        return s.absent(j)
-
-    def area_fraction(self, i: int, name: str) -> float:
-        s, j = self._loc(i)
-        fn = getattr(s, "area_fraction", None)
-        return fn(j, name) if fn is not None else 1.0
-
-    def load(self, i: int, names=None):
-        s, j = self._loc(i)
-        return s.load(j, names)
+from train.dataset import XrayDataset
+from train.fluoroseg import FluoroSegDataset, is_fluoroseg
+from train.labelled_folder import LabelledFolder
 
 
 def open_dataset(path: str | Path, prompts: str | Path | None = None) -> XrayDataset:
@@ -247,8 +36,6 @@ def open_dataset(path: str | Path, prompts: str | Path | None = None) -> XrayDat
     root = Path(path)
     if not root.exists():
         raise FileNotFoundError(f"dataset not found: {root}")
-    from train.fluoroseg import FluoroSegDataset, is_fluoroseg
-
     if is_fluoroseg(root):
         ds = FluoroSegDataset(root)
         if prompts is not None:

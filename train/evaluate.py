@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from fluorosam_rt.prompts import Prompt
-from train.data import ConcatXray, XrayDataset, open_dataset
+from train.data import open_dataset
+from train.dataset import ConcatXray, XrayDataset
 from train.prompt_sampling import eval_click
 
 CLICK_COUNTS = (1, 3, 8)
@@ -88,7 +89,7 @@ def _sample_absent(names: list[str], case_id: str, k: int) -> list[str]:
 
 def _add_assumed_absent(ds: XrayDataset, names: Sequence[str]) -> None:
     """Give assumed-absent names the vocabulary's canonical prompt where the data set has none."""
-    from train.data import StructureInfo
+    from train.dataset import StructureInfo
     from train.synth.vocabulary import Vocabulary
 
     voc = Vocabulary.load()

@@ -40,14 +40,8 @@ from fluorosam_rt.model.config import ModelConfig, load_model_config, small_real
 from fluorosam_rt.model.sam import FluoroSAM
 from fluorosam_rt.text.base import normalize_prompt
 from train.augment import AugmentConfig
-from train.data import (
-    ConcatXray,
-    TextFeatureBank,
-    XrayDataset,
-    all_prompt_texts,
-    open_dataset,
-    preprocess_for,
-)
+from train.data import TextFeatureBank, all_prompt_texts, open_dataset, preprocess_for
+from train.dataset import ConcatXray, XrayDataset
 from train.losses import LossConfig, segmentation_loss
 from train.prompt_sampling import PromptedImages, PromptSamplingConfig, collate, training_clicks
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from train.data import CaseData, StructureInfo, XrayDataset
+from train.dataset import CaseData, StructureInfo, XrayDataset
 
 
 def _is_root(p: Path) -> bool:

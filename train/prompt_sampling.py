@@ -19,7 +19,8 @@ from torch.utils.data import Dataset
 
 from fluorosam_rt.text.base import normalize_prompt
 from train.augment import AugmentConfig, augment
-from train.data import StructureInfo, TextFeatureBank, XrayDataset, mask_to_model_frame
+from train.data import TextFeatureBank, mask_to_model_frame
+from train.dataset import StructureInfo, XrayDataset
 from train.synth.vocabulary import default_heldout_keys
 
 

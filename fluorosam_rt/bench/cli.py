@@ -23,7 +23,7 @@ def _floats(s: str) -> list[float]:
 
 
 def options_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> Any:
-    from .runner import BenchOptions
+    from .harness import BenchOptions
 
     preset = QUICK if args.quick else FULL
 

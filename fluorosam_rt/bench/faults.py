@@ -42,21 +42,21 @@ import numpy as np
 
 from ..flow import STAGES, describe_ms
 from .fault_subscriber import CONTROL_KIND, KINDS
-from .procs import cpu_seconds, memory_mb, open_fds, thread_count
-from .runner import (
+from .harness import (
     PROMPT_TEXTS,
     BenchError,
     BenchOptions,
     FlowLog,
-    _delta,
-    _env,
-    _read_json_line,
+    delta,
     join_cell,
+    read_json_line,
     resolve_engines,
     start_group,
     stats,
     stop_group,
+    subprocess_env,
 )
+from .procs import cpu_seconds, memory_mb, open_fds, thread_count
 
 TARGET_RATIO = 1.10  # faults / baseline, p50 and p99: "within 10 % of the baseline"
 FPS, PROMPTS = 15.0, 3
@@ -113,10 +113,10 @@ class FaultProcs:
                     stdout=subprocess.PIPE,
                     stderr=self.log,
                     text=True,
-                    env=_env(),
+                    env=subprocess_env(),
                 )
             for kind, p in self.procs.items():
-                _read_json_line(p, 120, f"the {kind} fault subscriber (log {self.log.name})")
+                read_json_line(p, 120, f"the {kind} fault subscriber (log {self.log.name})")
         except BaseException:
             self.stop()
             raise
@@ -244,7 +244,7 @@ def run_faults(
                     "window_s": wall,
                     "t0": t0,
                     "t1": t1,
-                    **_delta(s0, s1),
+                    **delta(s0, s1),
                     "cpu_pct_node": 100 * (c1 - c0) / wall,
                     "cpu_pct_fast_subscriber": 100 * (cs1 - cs0) / wall,
                     "cpu_pct_fault_subscribers": 100 * (cf1 - cf0) / wall,

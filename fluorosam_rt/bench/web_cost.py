@@ -38,14 +38,12 @@ from typing import Any
 import numpy as np
 
 from ..flow import describe_ms
-from .procs import cpu_seconds, load_average, memory_mb, stop_on_signals
-from .runner import (
+from .harness import (
     PROMPT_TEXTS,
     BenchError,
     BenchOptions,
     FlowLog,
-    _delta,
-    _env,
+    delta,
     join_cell,
     machine_info,
     prepare_frames,
@@ -54,7 +52,9 @@ from .runner import (
     start_group,
     stats,
     stop_group,
+    subprocess_env,
 )
+from .procs import cpu_seconds, load_average, memory_mb, stop_on_signals
 
 FPS, PROMPTS = 15.0, 3
 TARGET_ADDED_P99_MS = 5.0
@@ -75,7 +75,7 @@ class WsClient:
             [sys.executable, "-m", "fluorosam_rt.bench.web_cost", "--ws-client", url, str(out)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            env=_env(),
+            env=subprocess_env(),
         )
 
     @property
@@ -183,7 +183,7 @@ class ViewerProc:
             stdout=subprocess.PIPE,
             stderr=self.log,
             text=True,
-            env=_env(),
+            env=subprocess_env(),
         )
         self.client: Any = None
         try:
@@ -311,7 +311,7 @@ def run(args: argparse.Namespace, progress: Any = print) -> dict[str, Any]:
                     "t0": t0,
                     "t1": t1,
                 }
-                row.update(_delta(s0, s1))
+                row.update(delta(s0, s1))
                 row["cpu_pct_node"] = 100 * (c1 - c0) / wall
                 row["load_average"] = load_average()
                 if viewer is not None:

@@ -20,10 +20,6 @@ from train.synth.volume import PreparedVolume
 BACKENDS = ("torch", "deepdrr")
 
 
-class BackendUnavailable(RuntimeError):
-    """A backend that cannot run on this machine; the message says what is missing."""
-
-
 class RenderBackend(Protocol):
     """What ``generate.Renderer`` needs from a backend."""
 

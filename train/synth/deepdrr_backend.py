@@ -31,12 +31,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from train.synth.backend import BackendUnavailable
 from train.synth.geometry import Camera
 from train.synth.materials import ANATOMY_MATERIALS
 from train.synth.physics import PhysicsParams, detector_image, polychromatic_transmission
 from train.synth.projector import Projection, Projector, RayTool
 from train.synth.volume import PreparedVolume
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend that cannot run on this machine; the message says what is missing.
+
+    Defined here, where it is raised, so this module needs nothing from ``backend`` (whose
+    ``make_backend`` imports this one lazily).
+    """
+
 
 DEEPDRR_SPECTRA = {60: "60KV_AL35", 90: "90KV_AL40", 120: "120KV_AL43"}
 _DEEPDRR_MATERIALS = {"air": "air", "soft_tissue": "soft tissue", "bone": "bone"}

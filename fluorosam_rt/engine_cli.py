@@ -1,4 +1,8 @@
-"""``fluorosam-rt engine build|list|bench``: the cache and the back ends from the command line."""
+"""``fluorosam-rt engine build|list|bench``: the engine cache and the back ends from the command line.
+
+The CLI layer: it may load a model bundle, which `engines/` itself never does (engines take only
+`fluorosam_rt.model`).
+"""
 
 from __future__ import annotations
 
@@ -10,10 +14,9 @@ from pathlib import Path
 
 import torch
 
+from engines.base import EngineError
+from engines.cache import EngineCache
 from fluorosam_rt.model.sam import FluoroSAM
-
-from .base import EngineError
-from .cache import EngineCache
 
 
 def load_engine_model(checkpoint: str | None, preset: str = "small", seed: int = 0) -> tuple[FluoroSAM, str]:
@@ -80,12 +83,12 @@ def cmd_engine_build(args: argparse.Namespace) -> int:
     model, source = load_engine_model(args.checkpoint, args.model)
     print(f"model {model.cfg.name} ({source}); cache {cache.root}")
     if args.backend == "onnx":
-        from .onnx_graphs import ensure_onnx_graphs
+        from engines.onnx_graphs import ensure_onnx_graphs
 
         paths = ensure_onnx_graphs(model, cache)
     else:
-        from .tensorrt_engine import ensure_trt_engines, probe_tensorrt
-        from .trt_plan import TrtEnvironment
+        from engines.tensorrt_engine import ensure_trt_engines, probe_tensorrt
+        from engines.trt_plan import TrtEnvironment
 
         why = probe_tensorrt()
         if why is not None:
@@ -120,8 +123,8 @@ def cmd_engine_list(args: argparse.Namespace) -> int:
 
 
 def cmd_engine_bench(args: argparse.Namespace) -> int:
-    from .bench import compare_engines, format_table
-    from .select import EngineOptions, create_engine
+    from engines.bench import compare_engines, format_table
+    from engines.select import EngineOptions, create_engine
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -8,7 +8,7 @@ from typing import Any
 
 
 def cmd_conformance(args: argparse.Namespace) -> int:
-    from .dicom_conformance import conformance_markdown
+    from .sources.dicom_conformance import conformance_markdown
 
     text = conformance_markdown()
     if args.out:
@@ -20,7 +20,7 @@ def cmd_conformance(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_decode(args: argparse.Namespace) -> int:
-    from ..bench.decode import run_decode_benchmark
+    from .bench.decode import run_decode_benchmark
 
     return run_decode_benchmark(args)
 
@@ -43,3 +43,6 @@ def add_dicom_commands(sub: Any) -> None:
     bench.add_argument("--syntaxes", help="comma list of syntax keys (default: all)")
     bench.add_argument("--json", help="write results here")
     bench.set_defaults(func=cmd_bench_decode)
+    from .bench.cine import add_cine_parser
+
+    add_cine_parser(sub)  # bench-cine: an XA cine through the real node, uncompressed vs JPEG Lossless

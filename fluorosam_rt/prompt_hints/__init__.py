@@ -22,12 +22,10 @@ would be flagged, but no lower than the point that flags 95% of the unrelated ph
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import os
-import sys
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -38,15 +36,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .phrasings import expand_vocabulary
-from .text.base import TextEncoder, normalize_prompt
+from ..phrasings import expand_vocabulary
+from ..text.base import TextEncoder, normalize_prompt
 
 log = logging.getLogger(__name__)
 
 FORMAT = "fluorosam-rt-prompt-hints/1"
 ENV_VAR = "FLUOROSAM_RT_HINT_CACHE"
 DEFAULT_CACHE_DIR = Path("~/.cache/fluorosam-rt/prompt-hints")
-SOURCE_VOCABULARY = Path(__file__).resolve().parents[1] / "configs" / "vocabulary.yaml"
+SOURCE_VOCABULARY = Path(__file__).resolve().parents[2] / "configs" / "vocabulary.yaml"
 N_NEAREST = 3
 HELDOUT_FLAG_RATE = 0.02  # at most this share of held-out paraphrases may be called far
 UNRELATED_CATCH_RATE = 0.95  # ... unless that would let more than 5% of nonsense through
@@ -359,36 +357,3 @@ class PromptHints:
         except Exception:  # advice must never break the command it accompanies
             log.exception("prompt hints failed")
             return None
-
-
-# -- command line ------------------------------------------------------------------------------------------
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m fluorosam_rt.prompt_hints",
-        description="build the prompt-hint table of a text encoder",
-    )
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="encode the vocabulary with a model's text encoder (about a minute)")
-    b.add_argument("--checkpoint", help="model whose text encoder to use (default: the embedded model)")
-    b.add_argument("--format", default="auto", choices=["auto", "official", "native"])
-    b.add_argument("--clip-weights", help="local CLIP weights if the checkpoint lacks the text tower")
-    b.add_argument("--vocabulary", default=str(SOURCE_VOCABULARY))
-    b.add_argument("--out", help=f"folder (default: ${ENV_VAR} or {DEFAULT_CACHE_DIR})")
-    a = ap.parse_args(argv)
-    from .bundle import load_bundle
-
-    try:
-        bundle = load_bundle(a.checkpoint, fmt=a.format, clip_weights=a.clip_weights)
-        doc = load_vocabulary(a.vocabulary)
-    except (OSError, ValueError) as exc:
-        print(f"prompt_hints: error: {exc}", file=sys.stderr)
-        return 2
-    table = build_table(bundle.text_encoder, doc)
-    out = Path(a.out) if a.out else resolve_cache_dir()
-    path = table.save(out / table_filename(table.identity))
-    print(json.dumps({"table": str(path), "texts": len(table), **table.calibration}, indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
