@@ -769,15 +769,16 @@ def format_table(result: dict[str, Any]) -> str:
         ("latency samples", lambda s: f"{s['latency_samples']}"),
     ]
     w = max(len(r[0]) for r in rows)
+    cw = max(24, *(len(fmt(per[k])) for _, fmt in rows for k in keys))
     lines = [
         f"XA cine {cfg['frames']} x {cfg['size']}x{cfg['size']} {cfg['bits']}-bit at {cfg['fps']:g} fps, "
         f"{len(cfg['prompts'])} prompts ({', '.join(cfg['prompts'])}), {cfg['engine']}, "
         f"{cfg['repeats']} runs each ({' '.join(cfg['order'])}); load {result['machine']['load_before']}"
         f" -> {result['machine'].get('load_after')}",
-        f"{'':{w}}  " + "  ".join(f"{k:>24}" for k in keys),
+        f"{'':{w}}  " + "  ".join(f"{k:>{cw}}" for k in keys),
     ]
     for name, fmt in rows:
-        lines.append(f"{name:{w}}  " + "  ".join(f"{fmt(per[k]):>24}" for k in keys))
+        lines.append(f"{name:{w}}  " + "  ".join(f"{fmt(per[k]):>{cw}}" for k in keys))
     add = result["p99_added_by_decoding_ms"]
     lines.append(
         f"p99 added by decoding ({keys[1]} - {keys[0]}): frame {add['frame']} ms, "
