@@ -695,7 +695,7 @@ def run_cine_benchmark(opts: CineOptions, progress: Any = print) -> dict[str, An
         result["source_stamp"] = _source_stamp([c for cs in runs.values() for c in cs])
         a, b = opts.syntaxes
         result["p99_added_by_decoding_ms"] = {
-            k: _diff(per[b][f"{k}_ms_p99"], per[a][f"{k}_ms_p99"]) for k in ("frame", "cine", "node")
+            k: _diff(per[b][f"{k}_ms_p99"], per[a][f"{k}_ms_p99"]) for k in INTERVALS
         }
         result["p99_added_by_decoding_per_run_ms"] = [
             {
@@ -765,6 +765,10 @@ def format_table(result: dict[str, Any]) -> str:
         ("frame latency ms p50 / p99", lambda s: f"{s['frame_ms_p50']} / {s['frame_ms_p99']}"),
         ("node received->published ms p50 / p99", lambda s: f"{s['node_ms_p50']} / {s['node_ms_p99']}"),
         ("cine latency ms p50 / p99", lambda s: f"{s['cine_ms_p50']} / {s['cine_ms_p99']}"),
+        (
+            "source -> subscriber ms p50 / p99",
+            lambda s: f"{s['source_to_subscriber_ms_p50']} / {s['source_to_subscriber_ms_p99']}",
+        ),
         ("send -> cine starts playing ms", lambda s: f"{s['play_start_ms_median']}"),
         ("latency samples", lambda s: f"{s['latency_samples']}"),
     ]
@@ -783,6 +787,11 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append(
         f"p99 added by decoding ({keys[1]} - {keys[0]}): frame {add['frame']} ms, "
         f"cine {add['cine']} ms, node {add['node']} ms"
+        + (
+            f", source -> subscriber {add['source_to_subscriber']} ms"
+            if "source_to_subscriber" in add
+            else ""
+        )
     )
     lines.append(f"'source' stamp in this run: {result['source_stamp']}")
     return "\n".join(lines)
