@@ -4,7 +4,19 @@ Heavy back ends (ONNX Runtime, torch.compile, TensorRT) are imported only when s
 """
 
 from .base import Engine, EngineError
-from .select import ENGINE_CHOICES, EngineOptions, create_engine
+from .chain import EngineChain, EngineRunError, NonFiniteOutput
+from .select import ENGINE_CHOICES, EngineOptions, EngineSettings, create_engine
 from .torch_engine import TorchEngine
 
-__all__ = ["ENGINE_CHOICES", "Engine", "EngineError", "EngineOptions", "TorchEngine", "create_engine"]
+__all__ = [
+    "ENGINE_CHOICES",
+    "Engine",
+    "EngineChain",
+    "EngineError",
+    "EngineOptions",
+    "EngineRunError",
+    "EngineSettings",
+    "NonFiniteOutput",
+    "TorchEngine",
+    "create_engine",
+]

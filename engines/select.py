@@ -1,4 +1,4 @@
-"""Pick a back end by name, or the fastest one that loads here, and say why.
+"""Pick a back end by name, or the fastest one that loads here, and say why: ``create_engine``.
 
 ``auto`` walks a fixed order, fastest first, and every back end that cannot load logs precisely
 why before the next one is tried. An explicit name is tried first and then falls back along
@@ -14,7 +14,7 @@ small CPU for a gain that ONNX Runtime already delivers.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +23,7 @@ import torch
 from fluorosam_rt.model.sam import FluoroSAM
 
 from .base import Engine, EngineError
+from .chain import EngineChain, Loaded
 
 log = logging.getLogger("engines.select")
 ENGINE_CHOICES = ("auto", "trt", "torch-compiled", "onnxruntime", "torch")
@@ -54,8 +55,8 @@ def auto_chain(cuda: bool) -> list[tuple[str, str]]:
 
 
 def candidate_chain(name: str, cuda: bool, strict: bool = False) -> list[tuple[str, str]]:
-    if name not in ENGINE_CHOICES:
-        raise EngineError(f"unknown engine {name!r}; choose from {', '.join(ENGINE_CHOICES)}")
+    """(back end, device) in the order create_engine tries them for name."""
+    check_engine_name(name)
     chain = auto_chain(cuda)
     if name == "auto":
         return chain
@@ -96,7 +97,7 @@ def _build(name: str, device: str, model: FluoroSAM, opts: EngineOptions) -> Eng
     raise EngineError(f"unknown engine {name!r}")
 
 
-def create_engine(
+def load_backend(
     name: str,
     model: FluoroSAM,
     options: EngineOptions | None = None,
@@ -104,25 +105,25 @@ def create_engine(
     cuda: bool | None = None,
     device: str | None = None,
     builder: Callable[[str, str, FluoroSAM, EngineOptions], Engine] = _build,
-) -> Engine:
+) -> Loaded:
     """The first back end of the chain for name that loads; logs every one that did not.
 
-    Raises EngineError listing every reason when nothing loads. The chosen engine's describe()
-    carries ``skipped`` (what was passed over and why), which the node reports on its status.
+    Raises EngineError listing every reason when nothing loads. What it returns carries how the
+    back end was chosen (``selected_by``, ``reason``, and ``skipped``: what was passed over and
+    why), which the node reports on its status.
     """
     opts = options or EngineOptions()
     if cuda is None:
         # device="cpu" keeps every candidate on the CPU even where a GPU exists.
         cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
     skipped: list[str] = []
-    for backend, device in candidate_chain(name, cuda, strict):
-        label = f"{backend} ({device})"
+    for backend, dev in candidate_chain(name, cuda, strict):
+        label = f"{backend} ({dev})"
         try:
-            engine = builder(backend, device, model, opts)
+            engine = builder(backend, dev, model, opts)
         except (EngineError, ImportError, RuntimeError, OSError) as exc:
-            msg = f"{label}: {exc}"
             log.warning("engine %s cannot load: %s; trying the next one", label, exc)
-            skipped.append(msg)
+            skipped.append(f"{label}: {exc}")
             continue
         reason = (
             "requested"
@@ -130,11 +131,55 @@ def create_engine(
             else ("fastest available" if name == "auto" else f"fallback for {name}")
         )
         log.info("engine: %s chosen (%s)%s", label, reason, f"; skipped {len(skipped)}" if skipped else "")
-        _describe = engine.describe
-
-        def describe(_d: Callable[[], dict] = _describe, _why: str = reason) -> dict:
-            return {**_d(), "selected_by": name, "reason": _why, "skipped": list(skipped)}
-
-        engine.describe = describe  # type: ignore[method-assign]
-        return engine
+        return Loaded(engine, {"selected_by": name, "reason": reason, "skipped": skipped})
     raise EngineError(f"no engine could load for {name!r}: " + " | ".join(skipped))
+
+
+@dataclass
+class EngineSettings:
+    """Which back end to run and what to fall back to: the node's ``model`` settings, the CLIs' flags.
+
+    ``engine``: a name of ENGINE_CHOICES, tried first and then along the chain (unless ``strict``).
+    ``fallback_engines``: loaded at start, switched to in order after ``max_consecutive_failures``
+    failures in a row at run time. ``device``: None lets CUDA be used where it is available.
+    """
+
+    engine: str = "auto"
+    fallback_engines: Sequence[str] = ()
+    max_consecutive_failures: int = 5
+    device: str | None = None
+    strict: bool = False
+    options: EngineOptions = field(default_factory=EngineOptions)
+
+
+def create_engine(
+    settings: EngineSettings,
+    model: FluoroSAM,
+    cuda: bool | None = None,
+    builder: Callable[[str, str, FluoroSAM, EngineOptions], Engine] = _build,
+) -> EngineChain:
+    """The engine for the frame path: the chosen back end and its run-time fallbacks, all loaded.
+
+    The one factory serve, segment, the benchmark and evaluation use; raises EngineError (every
+    reason listed) when the requested back end or a fallback cannot load at all.
+    """
+    for name in (settings.engine, *settings.fallback_engines):
+        check_engine_name(name)
+
+    def load(name: str) -> Loaded:
+        return load_backend(
+            name, model, settings.options, settings.strict, cuda=cuda, device=settings.device, builder=builder
+        )
+
+    return EngineChain(
+        load(settings.engine),
+        [load(n) for n in settings.fallback_engines],
+        settings.max_consecutive_failures,
+    )
+
+
+def check_engine_name(name: str) -> str:
+    """The name if it is one of ENGINE_CHOICES; EngineError naming the choices otherwise."""
+    if name not in ENGINE_CHOICES:
+        raise EngineError(f"unknown engine {name!r}; choose from {', '.join(ENGINE_CHOICES)}")
+    return name

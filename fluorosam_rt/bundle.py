@@ -8,13 +8,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from engines.base import Engine
 
 from .checkpoint import CheckpointError, LoadReport, detect_format, load_native, load_official
 from .model.sam import FluoroSAM
 from .prompt_hints import PromptHints
 from .prompts import PromptCache
 from .text.base import TextEncoder
+
+if TYPE_CHECKING:
+    from .predictor import Predictor
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 DEFAULT_MODEL_PATH = ASSETS_DIR / "default_model.safetensors"
@@ -36,6 +41,30 @@ class ModelBundle:
         from .predictor import token_identity
 
         return PromptCache(token_identity(self.model, self.text_encoder), seed=self.prompt_seed)
+
+    def predictor(
+        self,
+        engine: Engine | None = None,
+        presence_threshold: float | None = None,
+        mask_threshold: float = 0.0,
+        device: str = "cpu",
+    ) -> Predictor:
+        """The predictor for this model: its shipped prompt cache, its calibrated presence threshold
+        (unless one is given), the engine given (default: PyTorch eager on ``device``).
+
+        The one way a bundle becomes a predictor: segment, the node, the benchmark and evaluation.
+        """
+        from .predictor import Predictor
+
+        return Predictor(
+            self.model,
+            self.text_encoder,
+            cache=self.prompt_cache(),
+            presence_threshold=self.presence_threshold if presence_threshold is None else presence_threshold,
+            mask_threshold=mask_threshold,
+            device=device,
+            engine=engine,
+        )
 
     def prompt_hints(self) -> PromptHints:
         """'Did you mean' hints for this model's text encoder: a table shipped beside the weights or with the

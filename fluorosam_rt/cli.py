@@ -62,7 +62,6 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from .bundle import load_bundle
     from .imageio import read_image
     from .overlay import render_overlay, slugify
-    from .predictor import Predictor
 
     prompts = _build_prompts(args.prompt, args.point, args.negative_point)
     image = read_image(args.image)
@@ -75,17 +74,13 @@ def cmd_segment(args: argparse.Namespace) -> int:
     )
     if bundle.report is not None and not bundle.report.ok:
         print(bundle.report.summary(), file=sys.stderr)
-    threshold = args.presence_threshold if args.presence_threshold is not None else bundle.presence_threshold
-    from engines.select import EngineOptions, create_engine
+    from engines.select import EngineOptions, EngineSettings, create_engine
 
-    engine = create_engine(args.engine, bundle.model, EngineOptions(threads=args.engine_threads))
-    predictor = Predictor(
-        bundle.model,
-        bundle.text_encoder,
-        cache=bundle.prompt_cache(),
-        presence_threshold=threshold,
+    settings = EngineSettings(args.engine, options=EngineOptions(threads=args.engine_threads))
+    predictor = bundle.predictor(
+        create_engine(settings, bundle.model),
+        presence_threshold=args.presence_threshold,
         mask_threshold=args.mask_threshold,
-        engine=engine,
     )
     predictor.set_image(image.pixels)
     results = predictor.predict(prompts)

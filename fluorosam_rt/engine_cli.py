@@ -124,13 +124,16 @@ def cmd_engine_list(args: argparse.Namespace) -> int:
 
 def cmd_engine_bench(args: argparse.Namespace) -> int:
     from engines.bench import compare_engines, format_table
-    from engines.select import EngineOptions, create_engine
+    from engines.select import EngineOptions, EngineSettings, create_engine
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model, source = load_engine_model(args.checkpoint, args.model)
     opts = EngineOptions(threads=args.threads, cache_dir=args.cache_dir)
-    engines = {n: create_engine(n, model, opts, strict=True, cuda=False) for n in args.engines.split(",")}
+    engines = {
+        n: create_engine(EngineSettings(n, strict=True, options=opts), model, cuda=False)
+        for n in args.engines.split(",")
+    }
     counts = tuple(int(k) for k in args.prompts.split(","))
     print(f"model {model.cfg.name} ({source}), input {model.img_size} px", file=sys.stderr)
     res = compare_engines(engines, model.cfg.prompt_encoder.embed_dim, counts, args.runs)

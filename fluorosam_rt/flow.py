@@ -30,19 +30,12 @@ from typing import Any
 
 import numpy as np
 
+# STAGES, the stage stamps in pipeline order (the keys of the node's per-frame timestamp map), are
+# defined once, in the wire protocol the subscribers read: bridge imports nothing of the project,
+# the node may import bridge's protocol (docs/architecture.md).
+from bridge.protocol import STAGES
+
 CLOCK = "CLOCK_MONOTONIC"
-# Stage stamps, in pipeline order (the keys of the node's per-frame timestamp map).
-STAGES = (
-    "source",
-    "received",
-    "dequeued",
-    "preprocessed",
-    "encoded",
-    "decoded",
-    "postprocessed",
-    "geometry",
-    "published",
-)
 # Consecutive segments: their durations add up exactly to source -> published.
 SEGMENTS = (
     ("ingest", "source", "received"),

@@ -12,8 +12,13 @@ are dropped and counted with a reason, and latency does not grow with time.
 
 Accounting: every frame that is received is, at any moment, in flight or published or dropped
 with a reason; after ``stop`` nothing is in flight, so received == published + sum(dropped).
-A bad frame or a failing engine drops that frame and the node carries on; after
-``max_consecutive_failures`` engine failures in a row it moves to the next configured engine.
+A bad frame or a failing engine drops that frame and the node carries on; the engine itself
+(``engines.chain.EngineChain``) counts its failures and moves to the next configured back end
+after too many in a row.
+
+The inference stage is the predictor's stages called in a row (preprocess, encode, decode, select,
+mask_planes); the node adds only what is the stream's own (smoothing, geometry, the image) and
+stamps the time between the calls.
 """
 
 from __future__ import annotations
@@ -29,23 +34,19 @@ from typing import Any
 
 import cv2
 import numpy as np
-import torch
 
 from bridge.prompt_geometry import PromptGeometry, Scene
 from bridge.protocol import MaskMessage, PromptResult, mask_shape
-from engines.base import Engine
+from engines.chain import EngineChain, EngineRunError, NonFiniteOutput
 
 from .flow import FlowRing
 from .geometry_stage import GeometryStage, frame_spacing, support_rois
 from .overlay import to_display_u8
 from .predictor import Predictor
 from .prompts import Prompt
-from .sources.base import GEOMETRY_KEYS, Frame, Source
+from .sources.base import GEOMETRY_KEYS, PATIENT_KEYS, Frame, Source
 
 log = logging.getLogger(__name__)
-
-# Metadata that identifies a patient: carried in the message (a DICOM SEG needs it), never logged.
-_PATIENT_KEYS = ("PatientID",)
 
 
 # --------------------------------------------------------------------------- hand-offs and counters
@@ -135,6 +136,18 @@ class FrameDropped(Exception):
 
 
 class Node:
+    """The streaming pipeline: frames in from a source, one message per frame out to a publisher.
+
+    ``predictor``: runs the frame path (its engine owns the back-end fallback). ``source``: where
+    frames come from; the node starts and stops it. ``publisher``: where messages go
+    (``MaskPublisher``, or anything with ``publish`` and ``close``). ``stream``: the topic name.
+    ``downsample``: masks are published at 1/N of the frame's size; ``mask_encoding``: how mask
+    planes are packed (protocol). ``include_image``: send the frame (display 8-bit) with the masks.
+    ``max_prompts``: the most active prompts. ``stats_window``: frames the latency statistics
+    cover. ``model_name``: reported in every message. ``geometry``: the outlines/instances/tools
+    stage (default: the vocabulary's linear tools, default options).
+    """
+
     def __init__(
         self,
         predictor: Predictor,
@@ -145,8 +158,6 @@ class Node:
         downsample: int = 1,
         mask_encoding: str = "u8",
         include_image: bool = False,
-        fallback_engines: Sequence[Engine] = (),
-        max_consecutive_failures: int = 5,
         max_prompts: int = 16,
         stats_window: int = 1000,
         model_name: str = "",
@@ -162,8 +173,6 @@ class Node:
         self.downsample = downsample
         self.mask_encoding = mask_encoding
         self.include_image = include_image
-        self.fallback_engines = list(fallback_engines)
-        self.max_consecutive_failures = max_consecutive_failures
         self.model_name = model_name
         self.prompts = ActivePrompts(predictor.add_prompts, max_prompts=max_prompts)
         self.geometry = (
@@ -174,8 +183,6 @@ class Node:
         # the name status/stats readers have always used.
         self.flow = FlowRing(max(4096, stats_window), window=stats_window)
         self.latency = self.flow
-        self.consecutive_failures = 0
-        self.engine_switches: list[dict[str, Any]] = []
         self.last_error = ""
         self._in = LatestSlot()
         self._out = LatestSlot()
@@ -271,39 +278,36 @@ class Node:
         out_shape = mask_shape((h, w), self.downsample)
         done = Processed(frame=frame, t=t, prompts=prompts, out_shape=out_shape)
 
-        # preprocess
         try:
-            x, info = p.preprocessor(frame.pixels)
+            x, info = p.preprocess(frame.pixels)
         except (ValueError, TypeError, cv2.error) as exc:
             self.last_error = f"bad frame {frame.frame_id}: {exc}"
             raise FrameDropped("bad_frame", str(exc)) from exc
         t["preprocessed"] = time.time_ns()
 
-        # encode image (skipped when nothing is asked for: the frame is still published)
-        if prompts:
-            emb = self._run_engine(lambda: p.engine.encode_image(x.unsqueeze(0)))
-            p.set_embedding(emb, info)
-            p.image_encode_count += 1
-        t["encoded"] = time.time_ns()
-
-        # decode all prompts in one batch
-        if prompts:
-            low, iou = self._run_engine(lambda: p.predict_low_res(prompts))
-            if not (torch.isfinite(low).all() and torch.isfinite(iou).all()):
-                self._engine_failed("engine returned NaN or Inf")
-                raise FrameDropped("nonfinite_output")
-            self.consecutive_failures = 0
-        t["decoded"] = time.time_ns()
+        # encode and decode (skipped when nothing is asked for: the frame is still published)
+        try:
+            if prompts:
+                emb = p.encode(x)
+            t["encoded"] = time.time_ns()
+            if prompts:
+                low, iou = p.decode(emb, info, prompts)
+            t["decoded"] = time.time_ns()
+        except NonFiniteOutput as exc:
+            self.last_error = str(exc)
+            raise FrameDropped("nonfinite_output", str(exc)) from exc
+        except EngineRunError as exc:
+            self.last_error = str(exc)
+            raise FrameDropped("engine_error", str(exc)) from exc
 
         # postprocess: scene-cut check, best of the multimask outputs, optional causal smoothing,
         # presence gate, threshold at output size
         done.scene = self.geometry.begin_frame(frame.pixels, frame.meta)
         if prompts:
-            best = iou.argmax(dim=1)
-            rows = torch.arange(len(prompts))
-            chosen, scores = self.geometry.smooth([q.id for q in prompts], low[rows, best], iou[rows, best])
-            present = [float(s) >= p.presence_threshold for s in scores]
-            masks = p.masks(chosen, out_shape, present)  # uint8 0/1 = logits > threshold; absent: zeros
+            chosen, scores = p.select(low, iou)
+            chosen, scores = self.geometry.smooth([q.id for q in prompts], chosen, scores)
+            present = p.present(scores)
+            masks = p.mask_planes(chosen, info, out_shape, present)  # uint8 0/1; absent: zeros
             done.rois = support_rois(chosen, p.mask_threshold, p.engine.img_size, info.resized_hw, out_shape)
             for i in range(len(prompts)):
                 done.masks.append(masks[i])
@@ -322,25 +326,6 @@ class Node:
         )
         t["geometry"] = time.time_ns()
         return done
-
-    def _run_engine(self, call: Any) -> Any:
-        try:
-            return call()
-        except Exception as exc:
-            self._engine_failed(f"{type(exc).__name__}: {exc}")
-            raise FrameDropped("engine_error", str(exc)) from exc
-
-    def _engine_failed(self, detail: str) -> None:
-        self.last_error = f"engine {self.predictor.engine.name}: {detail}"
-        self.consecutive_failures += 1
-        if self.consecutive_failures >= self.max_consecutive_failures and self.fallback_engines:
-            old = self.predictor.engine
-            self.predictor.engine = self.fallback_engines.pop(0)
-            self.consecutive_failures = 0
-            self.engine_switches.append(
-                {"from": old.name, "to": self.predictor.engine.name, "reason": detail}
-            )
-            log.warning("engine %s failed repeatedly; switched to %s", old.name, self.predictor.engine.name)
 
     # -- stage 6: publish thread ------------------------------------------------------------
 
@@ -387,13 +372,18 @@ class Node:
 
     # -- what control reports ---------------------------------------------------------------
 
+    @property
+    def engine(self) -> EngineChain:
+        """The predictor's engine: it owns its fallback chain and failure counts."""
+        return self.predictor.engine
+
     def status(self) -> dict[str, Any]:
         acc = self.accounting.snapshot()
         return {
             "stream": self.stream,
             "model": self.model_name,
-            "engine": self.predictor.engine.describe(),
-            "engine_switches": list(self.engine_switches),
+            "engine": self.engine.describe(),
+            "engine_switches": list(self.engine.switches),
             "fps": round(self.latency.fps(), 3),
             "uptime_s": round(time.monotonic() - self._started_at, 3) if self._started_at else 0.0,
             "received": acc["received"],
@@ -422,7 +412,7 @@ class Node:
             "geometry": self.geometry.times.summary(),
             "text_encodes": self.predictor.cache.encode_count,
             "image_encodes": self.predictor.image_encode_count,
-            "consecutive_failures": self.consecutive_failures,
+            "consecutive_failures": self.engine.consecutive_failures,
         }
 
 
@@ -431,7 +421,7 @@ def prompt_dict(p: Prompt) -> dict[str, Any]:
 
 
 def _loggable(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in d.items() if k not in _PATIENT_KEYS}
+    return {k: v for k, v in d.items() if k not in PATIENT_KEYS}
 
 
 def percentile(values: Sequence[float], q: float) -> float:

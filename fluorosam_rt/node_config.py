@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from engines.select import ENGINE_CHOICES, EngineSettings
+
 
 class NodeConfigError(ValueError):
     """A config file or flag that cannot be used; the message names the key and the problem."""
@@ -90,6 +92,29 @@ class ModelSettings(_Strict):
     threads: int = Field(default=0, ge=0)  # torch intra-op threads; 0 leaves torch's default
     presence_threshold: float | None = None  # None: the checkpoint's calibrated value
     mask_threshold: float = 0.0
+
+    @field_validator("engine")
+    @classmethod
+    def _known_engine(cls, v: str) -> str:
+        if v not in ENGINE_CHOICES:
+            raise ValueError(f"unknown engine {v!r}; choose from {', '.join(ENGINE_CHOICES)}")
+        return v
+
+    @field_validator("fallback_engines")
+    @classmethod
+    def _known_fallbacks(cls, v: list[str]) -> list[str]:
+        for name in v:
+            cls._known_engine(name)
+        return v
+
+    def engine_settings(self) -> EngineSettings:
+        """What engines.select.create_engine needs from these settings."""
+        return EngineSettings(
+            engine=self.engine,
+            fallback_engines=tuple(self.fallback_engines),
+            max_consecutive_failures=self.max_consecutive_failures,
+            device=self.device,
+        )
 
 
 class PublishSettings(_Strict):

@@ -1,7 +1,8 @@
 """Image → encoder-input tensor, as FluoroSAM's inference path does it, but deterministic.
 
 The official pipeline (forward_notes §1b/§1c) turns one gray X-ray into three channels, resizes
-the longest side to ``img_size``, normalises with ``(x - 0.5) / 0.5`` and zero-pads right/bottom:
+the longest side to ``img_size``, normalises with ``(x - pixel_mean) / pixel_std`` (the model
+config's: 0.5 and 0.5 in every model so far) and zero-pads right/bottom:
 
 * channel 0: min-max of the raw image;
 * channels 1/2: "mixture" windows around the darker/brighter of two 1-D k-means clusters,
@@ -58,6 +59,8 @@ from typing import Literal
 import cv2
 import numpy as np
 import torch
+
+from .model.config import ModelConfig
 
 __all__ = [
     "PreprocessInfo",
@@ -270,7 +273,11 @@ class Preprocessor:
         img_size: int,
         windowing: Windowing = "mixture",
         window_at: WindowAt = "original",
+        pixel_mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
+        pixel_std: tuple[float, float, float] = (0.5, 0.5, 0.5),
     ) -> None:
+        if len(pixel_mean) != 3 or len(pixel_std) != 3 or min(pixel_std) <= 0:
+            raise ValueError(f"pixel_mean/pixel_std: three values each, std > 0: {pixel_mean}, {pixel_std}")
         if not isinstance(img_size, (int, np.integer)) or isinstance(img_size, bool) or img_size < 1:
             raise ValueError(f"img_size must be a positive int, got {img_size!r}")
         if windowing not in ("mixture", "minmax"):
@@ -281,11 +288,15 @@ class Preprocessor:
         self.windowing: Windowing = windowing
         self.window_at: WindowAt = window_at
         self._window = _mixture_channels if windowing == "mixture" else _minmax_channels
+        self.pixel_mean = tuple(float(v) for v in pixel_mean)
+        self.pixel_std = tuple(float(v) for v in pixel_std)
+        self._mean = np.asarray(pixel_mean, np.float32).reshape(3, 1, 1)
+        self._std = np.asarray(pixel_std, np.float32).reshape(3, 1, 1)
 
     def __repr__(self) -> str:
         return (
             f"Preprocessor(img_size={self.img_size}, windowing={self.windowing!r}, "
-            f"window_at={self.window_at!r})"
+            f"window_at={self.window_at!r}, pixel_mean={self.pixel_mean}, pixel_std={self.pixel_std})"
         )
 
     def __call__(self, pixels: np.ndarray) -> tuple[torch.Tensor, PreprocessInfo]:
@@ -303,7 +314,20 @@ class Preprocessor:
             hwc = _resize(hwc, hw)
             out[:, : hw[0], : hw[1]] = hwc.transpose(2, 0, 1)
         valid = out[:, : hw[0], : hw[1]]
-        np.subtract(valid, np.float32(0.5), out=valid)
-        np.divide(valid, np.float32(0.5), out=valid)
+        np.subtract(valid, self._mean, out=valid)  # the model config's pixel_mean/pixel_std
+        np.divide(valid, self._std, out=valid)
         info = PreprocessInfo(original_hw=(int(h), int(w)), resized_hw=hw, scale=float(scale))
         return torch.from_numpy(out), info
+
+
+def preprocessor_for(cfg: ModelConfig) -> Preprocessor:
+    """The preprocessing a model was trained with, from its config: the one way to build it
+    (the predictor, training, the naive baseline), so training sees exactly what the node sees."""
+    pp = cfg.preprocess
+    return Preprocessor(
+        cfg.image_encoder.img_size,
+        windowing=pp.windowing,
+        window_at=pp.window_at,
+        pixel_mean=cfg.pixel_mean,
+        pixel_std=cfg.pixel_std,
+    )

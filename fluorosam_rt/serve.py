@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import zmq
 
-from engines.base import Engine, EngineError
+from engines.select import create_engine
 
 from .bundle import ModelBundle, load_bundle
 from .control import ControlServer
@@ -20,24 +20,10 @@ from .geometry_stage import GeometryOptions, GeometryStage
 from .linear_tools import LinearTools, default_linear_tools
 from .node import Node
 from .node_config import GeometrySettings, NodeSettings
-from .predictor import Predictor
 from .prompts import Prompt
 from .publish import MaskPublisher
 from .security import CurveGate, load_keys
 from .sources import create_source
-
-
-def make_engine(name: str, bundle: ModelBundle, device: str) -> Engine:
-    """'torch' here; other back ends through engines.create_engine when that factory exists."""
-    if name == "torch":
-        from engines.torch_engine import TorchEngine
-
-        return TorchEngine(bundle.model, device)
-    try:
-        from engines import create_engine  # type: ignore[attr-defined]
-    except ImportError as exc:
-        raise EngineError(f"engine {name!r} is not available in this installation (only 'torch')") from exc
-    return create_engine(name, bundle.model, device=device)
 
 
 def make_geometry_stage(g: GeometrySettings) -> GeometryStage:
@@ -59,6 +45,14 @@ def make_geometry_stage(g: GeometrySettings) -> GeometryStage:
 
 @dataclass
 class NodeApp:
+    """A node with everything around it, as ``build_app`` assembles it from settings.
+
+    ``node``: the pipeline. ``control``: its control server (None without a control endpoint).
+    ``bundle``: the model it runs. ``gate``: the ZAP authenticator when CURVE is on, ``context``:
+    the node's own ZeroMQ context then; both are closed by ``stop``. A context manager: start on
+    entry, stop (and return the final accounting from ``stop``) on exit.
+    """
+
     node: Node
     control: ControlServer | None
     bundle: ModelBundle
@@ -94,17 +88,11 @@ def build_app(settings: NodeSettings, bundle: ModelBundle | None = None) -> Node
     if m.threads:
         torch.set_num_threads(m.threads)
     bundle = bundle or load_bundle(m.checkpoint, fmt=m.format)
-    engine = make_engine(m.engine, bundle, m.device)
-    fallbacks = [make_engine(n, bundle, m.device) for n in m.fallback_engines]
-    threshold = m.presence_threshold if m.presence_threshold is not None else bundle.presence_threshold
-    predictor = Predictor(
-        bundle.model,
-        bundle.text_encoder,
-        cache=bundle.prompt_cache(),
-        presence_threshold=threshold,
+    predictor = bundle.predictor(
+        create_engine(m.engine_settings(), bundle.model),
+        presence_threshold=m.presence_threshold,
         mask_threshold=m.mask_threshold,
         device=m.device,
-        engine=engine,
     )
     source = create_source(settings.source)
     sec = settings.security
@@ -131,8 +119,6 @@ def build_app(settings: NodeSettings, bundle: ModelBundle | None = None) -> Node
         downsample=settings.publish.downsample,
         mask_encoding=settings.publish.mask_encoding,
         include_image=settings.publish.include_image,
-        fallback_engines=fallbacks,
-        max_consecutive_failures=m.max_consecutive_failures,
         max_prompts=settings.max_prompts,
         stats_window=settings.stats_window,
         model_name=bundle.name,

@@ -218,8 +218,8 @@ def test_bad_images_are_dropped_and_odd_ones_are_segmented(tmp_path, bundle):
                 assert after["dropped"].get(reason, 0) == before["dropped"].get(reason, 0) + 1, (name, after)
                 assert node.last_error
         # the node never switched engines over bad input, and still works
-        assert node.engine_switches == []
-        assert node.consecutive_failures == 0
+        assert node.engine.switches == []
+        assert node.engine.consecutive_failures == 0
 
 
 # --------------------------------------------------------------------------- control socket

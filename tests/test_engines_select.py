@@ -7,7 +7,7 @@ import torch
 
 from engines.base import EngineError
 from engines.compiled_engine import TorchCompiledEngine, bucket_for
-from engines.select import auto_chain, candidate_chain, create_engine
+from engines.select import EngineSettings, auto_chain, candidate_chain, create_engine
 from engines.torch_engine import TorchEngine
 from fluorosam_rt.model.build import build_model
 from fluorosam_rt.model.config import small_realtime
@@ -36,7 +36,7 @@ def test_fallback_logs_precise_reasons_and_reports_them(model, caplog):
         return TorchEngine(m, device)
 
     with caplog.at_level("INFO", logger="engines.select"):
-        eng = create_engine("auto", model, cuda=False, builder=builder)
+        eng = create_engine(EngineSettings("auto"), model, cuda=False, builder=builder)
     assert eng.name == "torch"
     info = eng.describe()
     assert info["skipped"] == ["onnxruntime (cpu): onnxruntime is not installed (test)"]
@@ -51,11 +51,11 @@ def test_explicit_trt_without_tensorrt_falls_back_or_fails_strictly(model):
             return TorchEngine(m, device)
         raise EngineError(f"{name} unavailable")
 
-    eng = create_engine("trt", model, cuda=False, builder=builder)
+    eng = create_engine(EngineSettings("trt"), model, cuda=False, builder=builder)
     assert eng.name == "torch"
     assert eng.describe()["reason"] == "fallback for trt"
     with pytest.raises(EngineError, match="trt \\(cpu\\): trt unavailable"):
-        create_engine("trt", model, cuda=False, strict=True, builder=builder)
+        create_engine(EngineSettings("trt", strict=True), model, cuda=False, builder=builder)
 
 
 def test_real_trt_probe_reason_on_this_machine(model):
@@ -65,7 +65,7 @@ def test_real_trt_probe_reason_on_this_machine(model):
     if why is None:
         pytest.skip("TensorRT present")
     with pytest.raises(EngineError) as exc:
-        create_engine("trt", model, strict=True, device="cpu")
+        create_engine(EngineSettings("trt", strict=True, device="cpu"), model)
     assert why in str(exc.value)
 
 
@@ -160,3 +160,57 @@ def test_cuda_backends_match_cpu_pytorch(model, precision, graphs, agree):
     for _ in range(2):  # second call replays the captured graph
         lo, _ = eng.decode(eng.encode_image(x), tok)
         assert float(((lo.cpu() > 0) == (rl > 0)).float().mean()) >= agree
+
+
+class _Scripted(TorchEngine):
+    """A real torch engine whose decode fails or returns NaN on the calls it is told to."""
+
+    def __init__(self, model, name: str, script: str) -> None:
+        super().__init__(model, "cpu")
+        self.name, self.script, self.calls = name, script, 0
+
+    def decode(self, *args, **kw):
+        step = self.script[self.calls % len(self.script)]
+        self.calls += 1
+        if step == "x":
+            raise RuntimeError("device lost (simulated)")
+        logits, iou = super().decode(*args, **kw)
+        return (logits * float("nan"), iou) if step == "n" else (logits, iou)
+
+
+def test_chain_switches_after_failures_in_a_row_only(model):
+    from engines.chain import EngineChain, EngineRunError, NonFiniteOutput
+
+    emb = TorchEngine(model, "cpu").encode_image(torch.zeros(1, 3, model.img_size, model.img_size))
+    tokens = torch.zeros(1, model.cfg.prompt_encoder.embed_dim)
+    spare = _Scripted(model, "spare", "o")
+    chain = EngineChain(_Scripted(model, "first", "xono"), [spare], max_consecutive_failures=2)
+    for _ in range(2):  # failure, success, NaN, success: never two in a row
+        with pytest.raises(EngineRunError, match="engine first: RuntimeError: device lost"):
+            chain.decode(emb, tokens)
+        chain.decode(emb, tokens)
+        with pytest.raises(NonFiniteOutput, match="engine first"):
+            chain.decode(emb, tokens)
+        assert chain.consecutive_failures == 1
+        chain.decode(emb, tokens)
+        assert chain.consecutive_failures == 0
+    assert chain.switches == []
+    assert chain.name == "first"
+    chain.active = _Scripted(model, "bad", "x")
+    for _ in range(2):
+        with pytest.raises(EngineRunError):
+            chain.decode(emb, tokens)
+    assert chain.active is spare
+    reason = "RuntimeError: device lost (simulated)"
+    assert chain.switches == [{"from": "bad", "to": "spare", "reason": reason}]
+    assert torch.isfinite(chain.decode(emb, tokens)[0]).all()
+
+
+def test_node_settings_check_engine_names_against_the_engine_list():
+    from fluorosam_rt.node_config import NodeConfigError, load_settings
+
+    for model in ({"engine": "tensorflow"}, {"fallback_engines": ["torch", "tensorflow"]}):
+        with pytest.raises(NodeConfigError, match=r"tensorflow.*choose from auto, trt"):
+            load_settings(None, {"source": {"kind": "replay", "path": "."}, "model": model})
+    s = load_settings(None, {"source": {"kind": "replay", "path": "."}, "model": {"engine": "onnxruntime"}})
+    assert s.model.engine_settings().engine == "onnxruntime"

@@ -27,6 +27,7 @@ import pydicom
 import pytest
 
 from bridge import Subscriber, SubscriberTimeout
+from engines.chain import Loaded
 from fluorosam_rt.node_config import load_settings
 from fluorosam_rt.serve import build_app
 from fluorosam_rt.sources import SourceError
@@ -412,9 +413,9 @@ def test_repeated_engine_failures_fall_back_to_the_next_engine(tmp_path, bundle,
         },
     )
     app = build_app(settings, bundle=bundle)
-    fallback = app.node.fallback_engines[0]
-    broken = BrokenEngine(app.node.predictor.engine, mode)
-    app.node.predictor.engine = broken
+    chain = app.node.engine
+    fallback = chain.fallbacks[0].engine
+    chain.active = broken = BrokenEngine(chain.active, mode)
     sub = Subscriber(f"ipc://{tmp_path}/masks", topic="carm0")
     try:
         time.sleep(0.2)
@@ -428,7 +429,7 @@ def test_repeated_engine_failures_fall_back_to_the_next_engine(tmp_path, bundle,
     reason = "engine_error" if mode == "raise" else "nonfinite_output"
     assert final["dropped"].get(reason) == 3  # exactly N failures, then the switch
     assert broken.calls == 3
-    assert app.node.predictor.engine is fallback
+    assert chain.active is fallback
     assert status["engine_switches"] == [
         {"from": broken.name, "to": "torch", "reason": status["engine_switches"][0]["reason"]}
     ]
@@ -450,12 +451,13 @@ def test_failures_that_are_not_in_a_row_do_not_switch(tmp_path, bundle):
 
     source = {"kind": "replay", "path": str(_frames_dir(tmp_path)), "fps": 15, "loop": True}
     with running_node(tmp_path, bundle, source) as (app, _sub):
-        app.node.max_consecutive_failures = 2
-        app.node.fallback_engines = [app.node.predictor.engine]
-        app.node.predictor.engine = flaky = EveryOther(app.node.predictor.engine, "raise")
+        chain = app.node.engine
+        chain.max_consecutive_failures = 2
+        chain.fallbacks = [Loaded(chain.active)]
+        chain.active = flaky = EveryOther(chain.active, "raise")
         wait_for(lambda: flaky.calls >= 8, 60, "8 engine calls")
-        assert app.node.engine_switches == []
-        assert app.node.predictor.engine is flaky
+        assert chain.switches == []
+        assert chain.active is flaky
     assert app.final["dropped"]["engine_error"] >= 4
 
 

@@ -321,7 +321,7 @@ def test_engine_failures_and_bad_frames_are_dropped_with_reasons(tmp_path, bundl
         cv2.imwrite(str(tmp_path / f"{i}.png"), np.full((40, 40), 30 * i, np.uint8))
     source = {"kind": "replay", "path": str(tmp_path), "fps": 30, "loop": True}
     with running_node(tmp_path, bundle, source) as (app, _sub):
-        app.node.predictor.engine = FlakyEngine(app.node.predictor.engine)
+        app.node.engine.active = FlakyEngine(app.node.engine.active)
         app.node.receive(
             __import__("fluorosam_rt.sources.base", fromlist=["Frame"]).Frame(
                 pixels=np.full((8, 8), np.nan, np.float32), frame_id=10**6, source_ts_ns=time.time_ns()

@@ -146,8 +146,8 @@ def install_oracle(app) -> None:
     yy, xx = np.mgrid[:L, :L].astype(np.float32)
     lung = torch.tensor(8.0 * (1 - np.hypot((xx - 0.62 * L) / (0.16 * L), (yy - 0.45 * L) / (0.3 * L))))
 
-    def predict_low_res(prompts):
-        img = p._embedding[0, 0].numpy()
+    def decode(embedding, info, prompts):
+        img = embedding[0, 0].numpy()
         wire = (img >= img.max() - 1e-3).astype(np.uint8)
         inside = cv2.distanceTransform(wire, cv2.DIST_L2, 5)
         outside = cv2.distanceTransform(1 - wire, cv2.DIST_L2, 5)
@@ -156,7 +156,7 @@ def install_oracle(app) -> None:
         out = torch.stack([wire_logits if q.text == "K-wire" else lung for q in prompts])
         return out[:, None].repeat(1, 3, 1, 1), torch.full((len(prompts), 3), 0.95)
 
-    p.predict_low_res = predict_low_res
+    p.decode = decode
 
 
 def test_demo_sweep_k_wire_tip_reaches_view_and_igtl_and_moves(tmp_path, bundle1024):

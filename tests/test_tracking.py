@@ -185,8 +185,8 @@ def test_support_rois_contain_every_pixel_the_postprocess_sets(seed, out, thr):
         for _ in range(n):
             r, c = rng.integers(0, L, 2)
             low[k, r : r + rng.integers(1, 4), c : c + rng.integers(1, 4)] = float(rng.uniform(-1, 6))
-    pp = NS(engine=NS(img_size=S), info=NS(resized_hw=resized, original_hw=out))
-    logits = Predictor.postprocess(pp, low, out)
+    info = NS(resized_hw=resized, original_hw=out)
+    logits = Predictor.logits_planes(NS(engine=NS(img_size=S)), low, info, out)
     rois = support_rois(low, thr, S, resized, out)
     for k in range(3):
         ys, xs = np.nonzero(logits[k] > thr)

@@ -18,13 +18,11 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
 import torch
 
-from fluorosam_rt.preprocess import Preprocessor
 from fluorosam_rt.text.base import TextEncoder, normalize_prompt
 from train.dataset import XrayDataset
 from train.fluoroseg import FluoroSegDataset, is_fluoroseg
@@ -112,9 +110,3 @@ def mask_to_model_frame(mask: np.ndarray, img_size: int) -> np.ndarray:
     out = np.zeros((img_size, img_size), np.float32)
     out[:rh, :rw] = small
     return out
-
-
-def preprocess_for(model_cfg: Any) -> Preprocessor:
-    """The node's preprocessing for a model config: training must see exactly what the node sees."""
-    pp = model_cfg.preprocess
-    return Preprocessor(model_cfg.image_encoder.img_size, windowing=pp.windowing, window_at=pp.window_at)

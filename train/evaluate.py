@@ -486,12 +486,14 @@ def calibrate(predictor, ds: XrayDataset, opt: EvalOptions, max_fpr: float = 0.0
     return calibrate_presence_threshold(pres, absn, max_fpr)
 
 
-def make_predictor(checkpoint: str | None, device: str = "cpu"):
+def make_predictor(checkpoint: str | None, device: str = "cpu", engine: str = "torch"):
+    """The bundle's predictor (with its shipped prompt cache) on the engine create_engine picks."""
+    from engines.select import EngineSettings, create_engine
     from fluorosam_rt.bundle import load_bundle
-    from fluorosam_rt.predictor import Predictor
 
     b = load_bundle(checkpoint)
-    return Predictor(b.model, b.text_encoder, presence_threshold=b.presence_threshold, device=device), b
+    settings = EngineSettings(engine, strict=True, device=device)
+    return b.predictor(create_engine(settings, b.model), device=device), b
 
 
 def evaluate(

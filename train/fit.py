@@ -38,9 +38,10 @@ from torch import nn
 
 from fluorosam_rt.model.config import ModelConfig, load_model_config, small_realtime
 from fluorosam_rt.model.sam import FluoroSAM
+from fluorosam_rt.preprocess import preprocessor_for
 from fluorosam_rt.text.base import normalize_prompt
 from train.augment import AugmentConfig
-from train.data import TextFeatureBank, all_prompt_texts, open_dataset, preprocess_for
+from train.data import TextFeatureBank, all_prompt_texts, open_dataset
 from train.dataset import ConcatXray, XrayDataset
 from train.losses import LossConfig, segmentation_loss
 from train.prompt_sampling import PromptedImages, PromptSamplingConfig, collate, training_clicks
@@ -557,7 +558,7 @@ def fit(cfg: FitConfig, resume: str | None = None) -> dict[str, Any]:
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
 
-    images = PromptedImages(ds, bank, preprocess_for(model.cfg), cfg.sampling, cfg.augment, seed=cfg.seed)
+    images = PromptedImages(ds, bank, preprocessor_for(model.cfg), cfg.sampling, cfg.augment, seed=cfg.seed)
     batches = EpochBatches(len(images), cfg.global_batch, d.rank, d.world, cfg.seed)
     elapsed_before = float(state.get("elapsed_s", 0.0)) if state else 0.0
     t0 = time.time()

@@ -22,8 +22,6 @@ import argparse
 import shutil
 from pathlib import Path
 
-import torch
-
 MAX_BYTES = 25 * 1024 * 1024
 
 
@@ -31,7 +29,7 @@ def ship(
     checkpoint: str, calib_data: str | list[str], cases: str = "even", max_fpr: float = 0.05
 ) -> dict[str, object]:
     from fluorosam_rt.bundle import ASSETS_DIR, DEFAULT_MODEL_PATH, load_bundle
-    from fluorosam_rt.predictor import token_identity
+    from fluorosam_rt.predictor import prompt_tokens, token_identity
     from fluorosam_rt.prompt_hints import build_table, load_vocabulary, table_filename
     from fluorosam_rt.prompts import PromptCache, prompt_texts_from_yaml
     from train.evaluate import EvalOptions, calibrate_checkpoint
@@ -55,11 +53,7 @@ def ship(
     cache = PromptCache(token_identity(b.model, b.text_encoder), directory=cache_dir)
     texts = prompt_texts_from_yaml(DEFAULT_VOCABULARY)
 
-    def token_fn(keys: list[str]) -> torch.Tensor:  # the same path as Predictor._token_fn
-        with torch.no_grad():
-            return b.model.text_tokens(b.text_encoder.encode(keys))
-
-    cache.encode(texts, token_fn)
+    cache.encode(texts, lambda keys: prompt_tokens(b.model, b.text_encoder, keys))
     hints = build_table(b.text_encoder, load_vocabulary(DEFAULT_VOCABULARY))
     hints_path = hints.save(cache_dir / table_filename(hints.identity))
     return {

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..flow import describe_ms
 from ..model.sam import FluoroSAM
-from ..preprocess import Preprocessor
+from ..preprocess import preprocessor_for
 from ..text.base import TextEncoder
 
 T = TypeVar("T")
@@ -32,8 +32,7 @@ class NaiveBaseline:
     def __init__(self, model: FluoroSAM, text_encoder: TextEncoder, mask_threshold: float = 0.0) -> None:
         self.model = model.eval()
         self.text_encoder = text_encoder
-        pp = model.cfg.preprocess
-        self.preprocessor = Preprocessor(model.img_size, windowing=pp.windowing, window_at=pp.window_at)
+        self.preprocessor = preprocessor_for(model.cfg)
         self.mask_threshold = mask_threshold
 
     @torch.no_grad()

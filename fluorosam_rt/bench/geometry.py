@@ -57,8 +57,8 @@ def upsample(low: torch.Tensor, out_hw: tuple[int, int], img_size: int) -> tuple
 
     h, w = out_hw
     resized = (round(img_size * h / max(h, w)), round(img_size * w / max(h, w)))  # inside the padded input
-    pp = NS(engine=NS(img_size=img_size), info=NS(resized_hw=resized, original_hw=out_hw))
-    logits = Predictor.postprocess(pp, low, out_hw)
+    info = NS(resized_hw=resized, original_hw=out_hw)
+    logits = Predictor.logits_planes(NS(engine=NS(img_size=img_size)), low, info, out_hw)
     masks = [(logits[i] > 0).view(np.uint8) for i in range(low.shape[0])]
     return masks, support_rois(low, 0.0, img_size, resized, out_hw)
 
@@ -102,19 +102,17 @@ def model_mask_frames(
 ) -> list[tuple[list, list]]:
     """The embedded model's masks (and the node's ROI bounds) for texts on each frame, at the
     node's published size for ``downsample`` (publish.downsample)."""
-    from ..predictor import Predictor
-
-    p = Predictor(bundle.model, bundle.text_encoder, cache=bundle.prompt_cache(), presence_threshold=-1e9)
+    p = bundle.predictor(presence_threshold=-1e9)
     p.add_prompts(list(texts))
+    prompts = [NS(text=t, points=(), labels=()) for t in texts]
     out = []
     for f in frames:
-        p.set_image(f)
-        low, iou = p.predict_low_res([NS(text=t, points=(), labels=()) for t in texts])
-        chosen = low[torch.arange(len(texts)), iou.argmax(dim=1)]
+        x, info = p.preprocess(f)
+        chosen, _ = p.select(*p.decode(p.encode(x), info, prompts))
         hw = (-(-f.shape[0] // downsample), -(-f.shape[1] // downsample))
-        logits = p.postprocess(chosen, hw)
+        logits = p.logits_planes(chosen, info, hw)
         masks = [(logits[i] > p.mask_threshold).view(np.uint8) for i in range(len(texts))]
-        rois = support_rois(chosen, p.mask_threshold, p.engine.img_size, p.info.resized_hw, hw)
+        rois = support_rois(chosen, p.mask_threshold, p.engine.img_size, info.resized_hw, hw)
         out.append((masks, rois))
     return out
 
@@ -196,15 +194,9 @@ class _Timed:
 
 def _node(bundle: Any, smoothing: float, texts: Sequence[str], predictor: Any = None) -> Any:
     from ..node import Node
-    from ..predictor import Predictor
     from ..prompts import Prompt
 
-    p = predictor or Predictor(
-        bundle.model,
-        bundle.text_encoder,
-        cache=bundle.prompt_cache(),
-        presence_threshold=bundle.presence_threshold,
-    )
+    p = predictor or bundle.predictor()
     node = Node(
         p, NS(), NS(), geometry=GeometryStage(GeometryOptions(smoothing=smoothing), default_linear_tools())
     )

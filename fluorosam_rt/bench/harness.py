@@ -227,7 +227,7 @@ def prepare_frames(opts: BenchOptions, work: Path) -> tuple[Path, list[np.ndarra
 
 def resolve_engines(opts: BenchOptions, model: Any) -> tuple[list[str], dict[str, str]]:
     """Engines to sweep; each is built once here (fills the engine cache, proves it loads)."""
-    from engines.select import create_engine
+    from engines.select import EngineSettings, create_engine
 
     wanted = opts.engines or ["torch", "onnxruntime"]
     ok, skipped = [], {}
@@ -236,7 +236,7 @@ def resolve_engines(opts: BenchOptions, model: Any) -> tuple[list[str], dict[str
             ok.append(name)
             continue
         try:
-            create_engine(name, model, strict=True, device="cpu")
+            create_engine(EngineSettings(name, strict=True, device="cpu"), model)
             ok.append(name)
         except Exception as exc:
             skipped[name] = f"{type(exc).__name__}: {exc}"

@@ -138,6 +138,7 @@ class ModelConfig:
     prompt_encoder: PromptEncoderConfig = field(default_factory=PromptEncoderConfig)
     mask_decoder: MaskDecoderConfig = field(default_factory=MaskDecoderConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    # per-channel normalisation of the windowed input: preprocess.preprocessor_for reads them
     pixel_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     pixel_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 

@@ -53,8 +53,6 @@ class FluoroSAM(nn.Module):
             text_model=text_model,
         )
         self.mask_decoder = MaskDecoder(d, cfg.mask_decoder, high_res_scale=scale)
-        self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(-1, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(-1, 1, 1), persistent=False)
 
     @property
     def img_size(self) -> int:

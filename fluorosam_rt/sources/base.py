@@ -25,6 +25,15 @@ class SourceError(RuntimeError):
 
 @dataclass
 class Frame:
+    """One X-ray frame on its way through the node.
+
+    ``pixels``: 2-D gray, bright = dense, in the source's own dtype. ``frame_id``: increasing within
+    one node run (the source's ``emit`` assigns it). ``source_ts_ns``: wall-clock ns when the frame
+    was made (a device clock) or arrived (a DICOM C-STORE), the start of every latency the node
+    reports. ``meta``: the source kind, DICOM geometry, UIDs and patient keys (``GEOMETRY_KEYS``,
+    ``PATIENT_KEYS``). ``received_ns``: set by the node when the frame enters it.
+    """
+
     pixels: np.ndarray  # 2-D gray (bright = dense), native dtype
     frame_id: int  # monotonically increasing within one node run
     source_ts_ns: int  # wall-clock ns when the source made (or received) the frame
@@ -33,6 +42,10 @@ class Frame:
 
 
 FrameSink = Callable[[Frame], None]
+
+# DICOM attributes that identify a patient: carried in each frame's metadata (the bridge's DICOM
+# SEG needs them), never logged (the node's status and logs leave them out). The one list.
+PATIENT_KEYS = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex")
 
 # DICOM attributes that place a mask in space; published as the message's "geometry".
 GEOMETRY_KEYS = (
@@ -48,6 +61,14 @@ GEOMETRY_KEYS = (
 
 
 class Source(ABC):
+    """Where frames come from (a grabber, a DICOM SCP, a replay), pushed into the node's sink.
+
+    The base constructor takes no parameters: subclasses take their own (device, port, path,
+    rate) and call it. ``start(sink)`` begins producing frames into ``sink`` (the node's
+    ``receive``) on the source's own thread; ``emit`` numbers each frame; ``reject`` counts inputs
+    that never became frames; ``finished`` is set when a finite source has emitted everything.
+    """
+
     kind: str = "source"
 
     def __init__(self) -> None:
