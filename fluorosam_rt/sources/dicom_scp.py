@@ -18,6 +18,8 @@ Why these choices:
   else ``multiframe_fps``) by one pacing thread, because latest-frame-wins would otherwise keep
   only the last frame of every object. Every frame is decoded and checked before the answer,
   so a Success status means every frame entered the queue.
+* A frame's source time is its object's C-STORE arrival (plus k frame intervals for frame k of
+  a cine), not the pacer's emit time: decode and queueing here show in the node's latency.
 * Every refusal is logged at WARNING with its reason (never with patient identifiers) and
   counted by reason in ``rejected``.
 * Optional TLS (DICOM PS3.15 B.1, the "basic TLS secure transport" profile) through pynetdicom's
@@ -161,6 +163,19 @@ def _ssl_reason(exc: Exception) -> str:
 
 
 class DicomStorageSource(Source):
+    """A DICOM Storage SCP: X-ray objects sent by C-STORE become frames.
+
+    ``host``/``port``/``ae_title``: where and as whom it listens. ``allowed_calling_aes``: the
+    AE allow-list (empty: anyone). ``max_associations``: concurrent senders. ``max_pdu_size``: the
+    largest PDU it accepts (0: unlimited). ``max_frame_pixels``/``max_frame_bytes``/
+    ``max_object_frames``: input limits; larger objects are refused with a status code.
+    ``max_pending_frames``: frames of multi-frame objects waiting for the pacer. ``multiframe_fps``:
+    the rate a multi-frame object is replayed at when it carries no frame time.
+    ``ssl_context``: TLS (from ``server_tls_context()``; None: plain TCP).
+    ``log_patient_identifiers``: name PatientID/AccessionNumber in the receipt log line.
+    ``network_timeout_s``: how long a stalled peer may hold an association.
+    """
+
     kind = "dicom"
 
     def __init__(
@@ -198,7 +213,9 @@ class DicomStorageSource(Source):
         self.objects_received = 0
         self.status_counts: dict[int, int] = {}
         self.transfer_syntaxes: list[str] = []  # accepted; set when the server starts
-        self._pending: queue.Queue[tuple[np.ndarray, dict[str, Any], float]] = queue.Queue(max_pending_frames)
+        # (pixels, meta, pause after it, source time: C-STORE arrival + the frame's place in a cine)
+        self._pending: queue.Queue[tuple[np.ndarray, dict[str, Any], float, int]]
+        self._pending = queue.Queue(max_pending_frames)
         self._server: Any = None
         self._pacer: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -293,6 +310,7 @@ class DicomStorageSource(Source):
             return " (patient identifiers unreadable)"
 
     def _store(self, event: Any, ds: Any) -> Any:
+        arrived_ns = time.time_ns()  # the frames' source time: decode and queueing then show in latency
         requested = str(event.request.AffectedSOPClassUID)
         if requested not in XRAY_STORAGE_SOP_CLASSES:
             self.reject("sop_class_not_supported")
@@ -328,24 +346,26 @@ class DicomStorageSource(Source):
             if self._pending.maxsize - self._pending.qsize() < len(frames):
                 self.reject("queue_full")
                 return self._answer(STATUS_OUT_OF_RESOURCES, "frame queue is full")
+            offset = 0.0  # a multi-frame object's frame k "arrives" k frame intervals after it
             for pixels, meta in frames:
                 meta["calling_ae"] = str(event.assoc.requestor.ae_title).strip()
                 interval = 0.0
                 if len(frames) > 1:
                     ms = meta.get("frame_interval_ms")
                     interval = ms / 1000.0 if ms else 1.0 / self.multiframe_fps
-                self._pending.put_nowait((pixels, meta, interval))
+                self._pending.put_nowait((pixels, meta, interval, arrived_ns + round(offset * 1e9)))
+                offset += interval
             self.objects_received += 1
         return self._answer(STATUS_SUCCESS)
 
     def _pace(self) -> None:
         while not self._stop.is_set():
             try:
-                pixels, meta, interval = self._pending.get(timeout=0.1)
+                pixels, meta, interval, source_ts_ns = self._pending.get(timeout=0.1)
             except queue.Empty:
                 continue
             t0 = time.monotonic()
-            self.emit(pixels, meta)
+            self.emit(pixels, meta, source_ts_ns)
             if interval > 0 and self._stop.wait(max(0.0, interval - (time.monotonic() - t0))):
                 return
 
