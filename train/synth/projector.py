@@ -173,10 +173,10 @@ class Projector:
             lseg = None
             for samples, seg_k in lstack.march(src, dirs, "nearest", self.chunk):
                 lseg = seg_k
-                for s in samples.to(torch.int32):
-                    bits |= s
-                    for g, gm in self._path_masks.items():
-                        inside[g] += ((s & gm[:, None]) != 0).any(0)
+                si = samples.to(torch.int32)  # (K, C, R)
+                bits |= _or_reduce(si)
+                for g, gm in self._path_masks.items():
+                    inside[g] += ((si & gm[None, :, None]) != 0).any(1).sum(0)
             if lseg is not None:
                 group_paths = {g: (n * lseg).reshape(h, w) for g, n in inside.items()}
             shifts = torch.arange(BITS_PER_CHANNEL, dtype=torch.int32, device=dev)
@@ -201,6 +201,15 @@ class Projector:
             tool_ids=[t.category_id for t in tools],
             group_paths=group_paths,
         )
+
+
+def _or_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Bitwise OR over the first axis by pairwise halving: log2(K) tensor ops instead of K."""
+    while x.shape[0] > 1:
+        half = x.shape[0] // 2
+        head = x[:half] | x[half : 2 * half]
+        x = torch.cat([head, x[2 * half :]]) if x.shape[0] % 2 else head
+    return x[0]
 
 
 def tool_footprint(cam: Camera, tool: RayTool) -> float:

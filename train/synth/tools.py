@@ -67,6 +67,13 @@ def _box_len(src: torch.Tensor, d: torch.Tensor, center: np.ndarray, axes: np.nd
     return (t1 - t0).clamp_min(0.0)
 
 
+def _part_sphere(kind: str, p: dict[str, Any]) -> tuple[np.ndarray, float]:
+    """A sphere (centre, radius) holding one solid, with a millimetre to spare for rounding."""
+    if kind == "cyl":
+        return 0.5 * (p["p0"] + p["p1"]), 0.5 * float(np.linalg.norm(p["p1"] - p["p0"])) + p["r"] + 1.0
+    return p["center"], float(np.linalg.norm(p["half"])) + 1.0
+
+
 @dataclass
 class Tool:
     """A tool instance: solids (kind, params, sign) whose signed path lengths add up to the tool's."""
@@ -135,15 +142,26 @@ class Tool:
         d = dirs[near]
         acc = torch.zeros(d.shape[0], dtype=dirs.dtype, device=dirs.device)
         for kind, p, sign in self.parts:
+            # Each part is traced only on the rays that pass its own bounding sphere: a tool has tens of
+            # small parts (threads, holes), each crossing a few per cent of the tool's rays.
+            pc, prad = _part_sphere(kind, p)
             if kind == "cyl":
                 r = p["r"]
+                prad += max(0.0, min_radius - r)
+            w_p = torch.as_tensor(pc, dtype=d.dtype, device=d.device) - src
+            along_p = d @ w_p
+            idx = torch.nonzero((w_p @ w_p) - along_p * along_p <= prad * prad).squeeze(1)
+            if idx.numel() == 0:
+                continue
+            dp = d[idx]
+            if kind == "cyl":
                 if r < min_radius:
-                    seg = _cyl_len(src, d, p["p0"], p["p1"], min_radius) * (r / min_radius) ** 2
+                    seg = _cyl_len(src, dp, p["p0"], p["p1"], min_radius) * (r / min_radius) ** 2
                 else:
-                    seg = _cyl_len(src, d, p["p0"], p["p1"], r)
+                    seg = _cyl_len(src, dp, p["p0"], p["p1"], r)
             else:
-                seg = _box_len(src, d, **p)
-            acc += sign * seg
+                seg = _box_len(src, dp, **p)
+            acc.index_add_(0, idx, seg, alpha=sign)
         out[near] = acc.clamp_min(0.0)
         return out
 
