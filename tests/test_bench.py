@@ -17,7 +17,7 @@ import torch
 from fluorosam_rt.bench.baseline import NaiveBaseline, on_worker_thread
 from fluorosam_rt.bench.floor import floor_report, matmul_gflops, model_flops
 from fluorosam_rt.bench.harness import SUM_TOLERANCE_MS, BenchOptions, join_cell
-from fluorosam_rt.bench.runner import run_bench
+from fluorosam_rt.bench.run import run_bench
 from fluorosam_rt.flow import MISSING, STAGES
 from fluorosam_rt.predictor import Predictor
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from fluorosam_rt.bench.faults import phase_plan
 from fluorosam_rt.bench.harness import BenchOptions
-from fluorosam_rt.bench.runner import run_bench
+from fluorosam_rt.bench.run import run_bench
 
 sys.path.insert(0, str(Path(__file__).parent))
 from outside_counts import assert_counted_from_outside

@@ -74,7 +74,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         report.write_all(result, Path(args.out), Path(args.report) if args.report else None)
         report.print_table(result)
         return 0
-    from .runner import run_bench
+    from .run import run_bench
 
     opts = options_from_args(args)
     if any(k < 1 for k in opts.prompts) or any(r < 0 for r in opts.rates):

@@ -10,8 +10,6 @@ joining are the harness's (harness.py).
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,16 +17,12 @@ from typing import Any
 
 from .harness import (
     PROMPT_TEXTS,
-    SUM_TOLERANCE_MS,
     UNTHROTTLED_FPS,
     BenchOptions,
     FlowLog,
-    code_version,
     delta,
     fps_label,
     join_cell,
-    machine_info,
-    prepare_frames,
     prepare_model,
     resolve_engines,
     set_prompts,
@@ -36,7 +30,7 @@ from .harness import (
     stats,
     stop_group,
 )
-from .procs import cpu_seconds, load_average, memory_mb, reset_peak_rss
+from .procs import cpu_seconds, memory_mb, reset_peak_rss
 
 # --------------------------------------------------------------------------- the sweep
 
@@ -155,191 +149,86 @@ def _attach_baseline_and_floor(cells: list[dict[str, Any]], floor: dict[str, Any
             c["p50_over_floor"] = c["p50_ms"] / fl["floor_ms"]
 
 
-def run_bench(opts: BenchOptions, progress: Any = print) -> dict[str, Any]:
-    """The whole benchmark; returns the result dict and writes JSON, plots and the report."""
-    import torch
-
+def run_sweep(
+    work: Path,
+    opts: BenchOptions,
+    bundle: Any,
+    checkpoint: str | None,
+    weights: str,
+    frames_dir: Path,
+    frames: list[Any],
+    result: dict[str, Any],
+    progress: Any = print,
+) -> None:
+    """Every (engine, rate) group of the sweep, with its naive baseline and floor, into result."""
     from . import report
     from .baseline import NaiveBaseline, time_baseline
     from .floor import floor_report
 
-    opts.out_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="fsam-bench-"))
-    try:
-        result: dict[str, Any] = {
-            "version": 1,
-            "command": opts.argv,
-            "code": code_version(),
-            "machine": machine_info(),
-        }
-        t_start = time.monotonic()
-        progress(f"machine: {result['machine']['cpu']}, load {result['machine']['load_before']}")
-        bundle, checkpoint, weights = prepare_model(opts, work)
-        frames_dir, frames, frames_desc = prepare_frames(opts, work)
-        result["config"] = {
-            "quick": opts.quick,
-            "weights": weights,
-            "model": bundle.model.cfg.name,
-            "frames": frames_desc,
-            "rates": [fps_label(r) for r in opts.rates],
-            "prompts": opts.prompts,
-            "warmup_s": opts.warmup_s,
-            "measure_s": opts.measure_s,
-            "downsample": opts.downsample,
-            "mask_encoding": opts.mask_encoding,
-            "threads": opts.threads or torch.get_num_threads(),
-            "stage_sum_tolerance_ms": SUM_TOLERANCE_MS,
-        }
-        if opts.soak_minutes:
-            result["soak"] = run_soak(work, opts, frames_dir, checkpoint, bundle, progress)
-        elif opts.faults:
-            from .faults import run_faults
+    engines, skipped = resolve_engines(opts, bundle.model)
+    # One sweep per model; with --compare-checkpoint the second model's group runs right
+    # after the first's for every engine and rate (compare.py pairs them).
+    sweeps = [_Sweep("A" if opts.compare_checkpoint else "", bundle, checkpoint, weights)]
+    if opts.compare_checkpoint:
+        b_bundle, b_ckpt, b_weights = prepare_model(opts, work, opts.compare_checkpoint)
+        sweeps.append(_Sweep("B", b_bundle, b_ckpt, b_weights))
+        b_engines, b_skipped = resolve_engines(opts, b_bundle.model)
+        skipped.update({f"{e} (model B)": why for e, why in b_skipped.items()})
+        engines = [e for e in engines if e in b_engines]
+    result["config"]["engines"] = engines
+    result["config"]["engines_skipped"] = skipped
+    if opts.geometry:
+        from .geometry import run_geometry_bench
 
-            result["faults"] = run_faults(work, opts, frames_dir, checkpoint, bundle, progress)
-        else:
-            engines, skipped = resolve_engines(opts, bundle.model)
-            # One sweep per model; with --compare-checkpoint the second model's group runs right
-            # after the first's for every engine and rate (compare.py pairs them).
-            sweeps = [_Sweep("A" if opts.compare_checkpoint else "", bundle, checkpoint, weights)]
-            if opts.compare_checkpoint:
-                b_bundle, b_ckpt, b_weights = prepare_model(opts, work, opts.compare_checkpoint)
-                sweeps.append(_Sweep("B", b_bundle, b_ckpt, b_weights))
-                b_engines, b_skipped = resolve_engines(opts, b_bundle.model)
-                skipped.update({f"{e} (model B)": why for e, why in b_skipped.items()})
-                engines = [e for e in engines if e in b_engines]
-            result["config"]["engines"] = engines
-            result["config"]["engines_skipped"] = skipped
-            if opts.geometry:
-                from .geometry import run_geometry_bench
-
-                result["geometry"] = run_geometry_bench(
-                    bundle, frames, PROMPT_TEXTS[: max(opts.prompts)], opts.quick, progress
-                )
-            progress("floor: counting FLOPs and timing matmul ...")
+        result["geometry"] = run_geometry_bench(
+            bundle, frames, PROMPT_TEXTS[: max(opts.prompts)], opts.quick, progress
+        )
+    progress("floor: counting FLOPs and timing matmul ...")
+    for sw in sweeps:
+        sw.floor = floor_report(
+            sw.bundle.model, opts.prompts, opts.floor_seconds, text_encoder=sw.bundle.text_encoder
+        )
+    for engine in engines:
+        for rate in opts.rates:
             for sw in sweeps:
-                sw.floor = floor_report(
-                    sw.bundle.model, opts.prompts, opts.floor_seconds, text_encoder=sw.bundle.text_encoder
+                # The baseline runs just before each group, paced at the group's rate, so the
+                # two see the same machine minutes apart rather than a sweep apart.
+                progress(
+                    f"  {sw.label + ' ' if sw.label else ''}baseline     {fps_label(rate):>11} fps  "
+                    f"naive loop, {opts.baseline_frames} frames per prompt count"
                 )
-            for engine in engines:
-                for rate in opts.rates:
-                    for sw in sweeps:
-                        # The baseline runs just before each group, paced at the group's rate, so the
-                        # two see the same machine minutes apart rather than a sweep apart.
-                        progress(
-                            f"  {sw.label + ' ' if sw.label else ''}baseline     {fps_label(rate):>11} fps  "
-                            f"naive loop, {opts.baseline_frames} frames per prompt count"
-                        )
-                        base = NaiveBaseline(sw.bundle.model, sw.bundle.text_encoder)
-                        bl = {
-                            str(k): time_baseline(
-                                base, frames, PROMPT_TEXTS[:k], opts.baseline_frames, rate=rate
-                            )
-                            for k in opts.prompts
-                        }
-                        sw.baseline[f"{engine}@{fps_label(rate)}"] = bl
-                        c, final = run_group(
-                            work, opts, engine, rate, frames_dir, sw.checkpoint, progress, label=sw.label
-                        )
-                        for cell in c:
-                            cell["_baseline"] = bl.get(str(cell["prompts"]))
-                        sw.cells += c
-                        sw.finals.append({"engine": engine, "fps_label": fps_label(rate), **final})
-            for sw in sweeps:
-                _attach_baseline_and_floor(sw.cells, sw.floor)
-            first = sweeps[0]
-            result["floor"], result["baseline"] = first.floor, first.baseline
-            result["cells"] = first.cells
-            result["node_runs"] = first.finals
-            result["targets"] = report.targets(result)
-            if len(sweeps) > 1:
-                from .compare import latency_targets, side_by_side
-
-                b = sweeps[1]
-                result["compare"] = {
-                    "model": b.bundle.model.cfg.name,
-                    "weights": b.weights,
-                    "floor": b.floor,
-                    "baseline": b.baseline,
-                    "cells": b.cells,
-                    "node_runs": b.finals,
-                    "targets": latency_targets(b.cells),
-                    "first_targets": latency_targets(first.cells),
+                base = NaiveBaseline(sw.bundle.model, sw.bundle.text_encoder)
+                bl = {
+                    str(k): time_baseline(base, frames, PROMPT_TEXTS[:k], opts.baseline_frames, rate=rate)
+                    for k in opts.prompts
                 }
-                result["side_by_side"] = side_by_side(first.cells, b.cells)
-        result["machine"]["load_after"] = load_average()
-        result["elapsed_s"] = time.monotonic() - t_start
-        report.write_all(result, opts.out_dir, opts.report)
-        return result
-    finally:
-        if not opts.keep_workdir:
-            shutil.rmtree(work, ignore_errors=True)
+                sw.baseline[f"{engine}@{fps_label(rate)}"] = bl
+                c, final = run_group(
+                    work, opts, engine, rate, frames_dir, sw.checkpoint, progress, label=sw.label
+                )
+                for cell in c:
+                    cell["_baseline"] = bl.get(str(cell["prompts"]))
+                sw.cells += c
+                sw.finals.append({"engine": engine, "fps_label": fps_label(rate), **final})
+    for sw in sweeps:
+        _attach_baseline_and_floor(sw.cells, sw.floor)
+    first = sweeps[0]
+    result["floor"], result["baseline"] = first.floor, first.baseline
+    result["cells"] = first.cells
+    result["node_runs"] = first.finals
+    result["targets"] = report.targets(result)
+    if len(sweeps) > 1:
+        from .compare import latency_targets, side_by_side
 
-
-# --------------------------------------------------------------------------- soak
-
-
-def run_soak(
-    work: Path,
-    opts: BenchOptions,
-    frames_dir: Path,
-    checkpoint: str | None,
-    bundle: Any,
-    progress: Any = print,
-) -> dict[str, Any]:
-    """15 fps, 3 prompts for ``soak_minutes``: RSS and latency sampled every interval."""
-    engines, _ = resolve_engines(
-        BenchOptions(out_dir=opts.out_dir, engines=[opts.soak_engine or "onnxruntime"]), bundle.model
-    )
-    engine = engines[0] if engines else "torch"
-    duration = opts.soak_minutes * 60
-    g = start_group(
-        work, "soak", opts, engine, 15.0, frames_dir, checkpoint, PROMPT_TEXTS[:3], duration + 300
-    )
-    samples = []
-    flow = FlowLog(g.control)
-    try:
-        time.sleep(opts.warmup_s)
-        t_begin = time.monotonic()
-        s_prev, t_prev = stats(g.control), time.monotonic_ns()
-        while time.monotonic() - t_begin < duration:
-            time.sleep(min(opts.soak_interval_s, max(0.05, duration - (time.monotonic() - t_begin))))
-            t_now = time.monotonic_ns()
-            s_now = stats(g.control)
-            flow.fetch()
-            mem = memory_mb(g.node.pid)
-            samples.append(
-                {
-                    "t_s": round(time.monotonic() - t_begin, 3),
-                    "t0": t_prev,
-                    "t1": t_now,
-                    "rss_mb": mem["rss_mb"],
-                    "peak_rss_mb": mem["peak_rss_mb"],
-                    **delta(s_prev, s_now),
-                }
-            )
-            progress(
-                f"  soak {samples[-1]['t_s']:7.1f} s  RSS {mem['rss_mb']:.1f} MiB  "
-                f"published {s_now['published']}  dropped {s_now['dropped_total']}"
-            )
-            s_prev, t_prev = s_now, t_now
-    finally:
-        final, sub_rows, counters = stop_group(g)
-    frame_ids, ring = flow.arrays()
-    for s in samples:
-        j = join_cell(frame_ids, ring, sub_rows, s.pop("t0"), s.pop("t1"))
-        s.update({k: j[k] for k in ("p50_ms", "p95_ms", "p99_ms", "max_ms", "joined") if k in j})
-    whole = join_cell(frame_ids, ring, sub_rows, 0, 2**62)
-    whole.pop("samples_ms", None)
-    from .report import soak_summary
-
-    return {
-        "engine": engine,
-        "fps": 15.0,
-        "prompts": 3,
-        "minutes": opts.soak_minutes,
-        "interval_s": opts.soak_interval_s,
-        "samples": samples,
-        "overall": whole,
-        "final": {**final, "subscriber": counters},
-        "summary": soak_summary(samples, duration),
-    }
+        b = sweeps[1]
+        result["compare"] = {
+            "model": b.bundle.model.cfg.name,
+            "weights": b.weights,
+            "floor": b.floor,
+            "baseline": b.baseline,
+            "cells": b.cells,
+            "node_runs": b.finals,
+            "targets": latency_targets(b.cells),
+            "first_targets": latency_targets(first.cells),
+        }
+        result["side_by_side"] = side_by_side(first.cells, b.cells)
