@@ -3,7 +3,8 @@
 Two families. FluoroSAM's own list (negative log, inversion, window choice, CLAHE, blur/sharpen,
 contrast, non-uniform contrast, dropout, crop/zoom/rotation, collimator shapes) makes the model
 indifferent to how a DRR was rendered. The sim-to-real family (CR/DX tone curves, anti-scatter
-grid lines, text burn-ins, image-intensifier vignetting, detector noise) imitates what real
+grid lines, text burn-ins, image-intensifier vignetting and pincushion/S distortion, over-exposed
+regions that bloom into the anatomy next to them, detector noise) imitates what real
 radiographs carry and synthetic ones lack; the real chest set is never used to tune them.
 
 Everything works on a float32 image in [0, 1] and a bool mask stack [N, H, W]. Geometric steps
@@ -41,6 +42,8 @@ class AugmentConfig:
     p_text: float = 0.3
     p_vignette: float = 0.25
     p_noise: float = 0.4
+    p_distortion: float = 0.2
+    p_saturation: float = 0.2
     max_rotation_deg: float = 15.0
     zoom_range: tuple[float, float] = (0.8, 1.3)
     max_aspect_change: float = 0.2
@@ -234,6 +237,58 @@ def warp(
     return out, warped, valid
 
 
+def intensifier_maps(shape: tuple[int, int], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """cv2.remap maps of an image intensifier's distortion: pincushion plus a twist (S-distortion).
+
+    The curved input phosphor magnifies the rim (radius r shows the scene at r / (1 + k r²), k up to
+    0.15 at the field's edge), and the Earth's field in the electron optics turns the image by an
+    angle growing with radius (a few degrees at the rim). Both are smooth, so one map moves image and
+    masks together; the synthetic engine renders the same look for its own II views."""
+    h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    cx, cy = (w - 1) / 2.0 + w * rng.uniform(-0.05, 0.05), (h - 1) / 2.0 + h * rng.uniform(-0.05, 0.05)
+    half = 0.5 * max(h, w)
+    dx, dy = (xx - cx) / half, (yy - cy) / half
+    r2 = dx * dx + dy * dy
+    k = float(rng.uniform(0.03, 0.15))
+    twist = np.deg2rad(float(rng.uniform(-4.0, 4.0))) * r2
+    scale = 1.0 / (1.0 + k * r2)
+    c, s = np.cos(twist), np.sin(twist)
+    sx, sy = (c * dx - s * dy) * scale, (s * dx + c * dy) * scale
+    return (cx + sx * half).astype(np.float32), (cy + sy * half).astype(np.float32)
+
+
+def remap(
+    img: np.ndarray, masks: np.ndarray, maps: tuple[np.ndarray, np.ndarray], fill: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``warp`` for a dense map: image linear, masks nearest, plus the valid-pixel map."""
+    mx, my = maps
+    out = cv2.remap(img, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=fill)
+    valid = cv2.remap(np.ones(img.shape, np.uint8), mx, my, cv2.INTER_NEAREST) > 0
+    moved = np.zeros_like(masks)
+    for i in range(masks.shape[0]):
+        if masks[i].any():
+            moved[i] = cv2.remap(masks[i].astype(np.uint8), mx, my, cv2.INTER_NEAREST) > 0
+    return out, moved, valid
+
+
+def over_exposure(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Saturated regions next to the anatomy: the unattenuated beam clips the detector and blooms.
+
+    Where the image is brightest (thin tissue or direct beam, in whichever convention the image is)
+    it clips at a level drawn from the top of its range, and the clipped area glows a few pixels into
+    its surroundings, as an intensifier's or an over-driven flat panel's does. The anatomy is still
+    there under the glow's edge; the masks stay as they are."""
+    level = float(np.quantile(img, rng.uniform(0.7, 0.95)))
+    if level <= 1e-6:
+        return img
+    clipped = np.minimum(img / level, 1.0)
+    sat = (clipped >= 1.0).astype(np.float32)
+    sigma = float(rng.uniform(1.0, 4.0)) * max(img.shape) / 256.0
+    glow = cv2.GaussianBlur(sat, (0, 0), sigma)
+    return (clipped + (1.0 - clipped) * glow).astype(np.float32)  # light adds; never past 1
+
+
 def collimator(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     """Field-of-view map of a random collimator: circle (image intensifier), rectangle or polygon."""
     h, w = shape
@@ -273,6 +328,11 @@ def augment(
     if _p(rng, cfg.p_affine, cfg):
         img, masks, valid = warp(img, masks, random_affine(img.shape, rng, cfg), fill=0.0)
         masks &= valid[None]
+    if _p(rng, cfg.p_distortion, cfg):
+        img, masks, valid = remap(img, masks, intensifier_maps(img.shape, rng), fill=0.0)
+        masks &= valid[None]
+    if _p(rng, cfg.p_saturation, cfg):
+        img = over_exposure(img, rng)
     if _p(rng, cfg.p_collimator, cfg):
         fov = collimator(img.shape, rng)
         fill = float(rng.choice([0.0, 1.0, rng.uniform(0.0, 0.3)]))
