@@ -56,8 +56,9 @@ class MaskPublisher:
     ``endpoints``: protocol v2 with masks and geometry. ``geometry_endpoints``: v2 without mask
     planes. ``v1_endpoints``: version 1 exactly, for subscribers not yet upgraded. ``sndhwm``: how
     many whole messages a slow subscriber may have queued before newer ones to it are dropped
-    (others unaffected); ``sndbuf``: the kernel send buffer (0: the OS default). ``context``: the ZeroMQ context
-    (default: the process's); ``curve``: the node's CURVE keys, to encrypt and allow-list.
+    (others unaffected); ``sndbuf``: the kernel send buffer (0: the OS default). ``context``: the
+    ZeroMQ context (default: the process's); ``curve``: the node's CURVE keys, to encrypt and
+    allow-list.
     """
 
     def __init__(
