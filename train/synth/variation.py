@@ -776,8 +776,11 @@ def _outside_fill(vol: PreparedVolume) -> torch.Tensor:
     c = _VolumeCache.get(vol)
     if "fill" not in c:
         m = vol.materials[0].float()
-        out = m.sum(0) <= OUTSIDE_DENSITY
-        c["fill"] = torch.stack([ch[out].mean() if bool(out.any()) else ch.new_zeros(()) for ch in m])
+        out = (m.sum(0) <= OUTSIDE_DENSITY).to(m.dtype)
+        n = float(out.sum())
+        # Masked sums, not m[out]: boolean indexing gathers a copy of most of the volume per channel.
+        sums = torch.stack([(ch * out).sum(dtype=torch.float64) for ch in m])
+        c["fill"] = (sums / n).float() if n > 0 else m.new_zeros(m.shape[0])
     return c["fill"]
 
 
