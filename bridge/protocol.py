@@ -48,6 +48,12 @@ STAGES = (
     "geometry",  # outlines, instances, tools and tracking done (version 2)
     "published",  # just before the message was handed to ZeroMQ
 )
+# DICOM attributes that identify a patient, and the study attributes a derived object (the DICOM
+# SEG) repeats: the node carries both in a frame's ``source`` metadata, never logs the first, and
+# the browser view shows both only when asked. Defined here, once, because the bridge cannot
+# import the node; the node takes them from here (sources.base, sources.dicom_frames).
+PATIENT_KEYS = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex")
+STUDY_KEYS = ("StudyDate", "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName")
 # Guards against a hostile or corrupt header: real headers are a few kilobytes.
 MAX_HEADER_BYTES = 1 << 20
 MAX_PROMPTS = 256

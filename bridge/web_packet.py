@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .protocol import STAGES, MaskMessage, PromptResult
+from .protocol import PATIENT_KEYS, STAGES, STUDY_KEYS, MaskMessage, PromptResult
 
 # Time between consecutive stamps of the header's ``t`` map, named by the stage that ends it
 # as the node's flow accounting names it (fluorosam_rt/flow.py SEGMENTS); a stage a frame skipped
@@ -48,17 +48,8 @@ SEGMENT_NAMES = {
 }
 
 SAFE_SOURCE_KEYS = ("source", "frame_index", "num_frames", "Modality", "inverted", "frame_interval_ms")
-PATIENT_KEYS = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyDate",
-    "StudyTime",
-    "StudyID",
-    "AccessionNumber",
-    "ReferringPhysicianName",
-)
+# Shown only with show_patient: who the patient is and which study (bridge.protocol, one list).
+IDENTIFYING_KEYS = PATIENT_KEYS + STUDY_KEYS
 JPEG_QUALITY = 80
 
 
@@ -158,7 +149,7 @@ def node_latency_ms(t: Mapping[str, int]) -> float | None:
 
 
 def source_info(source: Mapping[str, Any], show_patient: bool) -> dict[str, Any]:
-    keys = SAFE_SOURCE_KEYS + (PATIENT_KEYS if show_patient else ())
+    keys = SAFE_SOURCE_KEYS + (IDENTIFYING_KEYS if show_patient else ())
     return {k: _plain(source[k]) for k in keys if k in source}
 
 

@@ -28,3 +28,21 @@ def test_carried_from_dicom_and_left_out_of_status() -> None:
     shown = _loggable({"kind": "dicom", **meta})
     assert shown["Modality"] == "XA"
     assert not set(PATIENT_KEYS) & set(shown)
+
+
+def test_node_and_browser_view_share_the_lists() -> None:
+    """The node's keys are the bridge's (it cannot import the node); the browser view hides both."""
+    from bridge import protocol, web_packet
+    from fluorosam_rt.sources import dicom_frames
+
+    assert PATIENT_KEYS is protocol.PATIENT_KEYS
+    assert set(web_packet.IDENTIFYING_KEYS) == set(protocol.PATIENT_KEYS) | set(protocol.STUDY_KEYS)
+    ds = pydicom.Dataset()
+    for k in (*protocol.PATIENT_KEYS, *protocol.STUDY_KEYS):
+        setattr(ds, k, "20200101" if "Date" in k else "1200" if "Time" in k else "x")
+    carried = dataset_meta(ds)
+    assert set(protocol.PATIENT_KEYS) | set(protocol.STUDY_KEYS) <= set(carried)
+    assert dicom_frames.STUDY_KEYS is protocol.STUDY_KEYS
+    shown = web_packet.source_info(carried, show_patient=False)
+    assert not set(shown) & set(carried)
+    assert set(web_packet.source_info(carried, show_patient=True)) == set(carried)

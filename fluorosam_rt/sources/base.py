@@ -18,6 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from bridge.protocol import PATIENT_KEYS
+
+__all__ = ["GEOMETRY_KEYS", "PATIENT_KEYS", "Frame", "FrameSink", "Source", "SourceError", "wait_or_stop"]
+
 
 class SourceError(RuntimeError):
     """A source that cannot start (bad path, port in use, no device); the message says why."""
@@ -43,9 +47,9 @@ class Frame:
 
 FrameSink = Callable[[Frame], None]
 
-# DICOM attributes that identify a patient: carried in each frame's metadata (the bridge's DICOM
-# SEG needs them), never logged (the node's status and logs leave them out). The one list.
-PATIENT_KEYS = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex")
+# PATIENT_KEYS: DICOM attributes that identify a patient: carried in each frame's metadata (the
+# bridge's DICOM SEG needs them), never logged (the node's status and logs leave them out). The one
+# list is bridge.protocol's, which the browser view hides too (the bridge cannot import the node).
 
 # DICOM attributes that place a mask in space; published as the message's "geometry".
 GEOMETRY_KEYS = (

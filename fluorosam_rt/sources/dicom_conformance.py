@@ -13,10 +13,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from bridge.protocol import PATIENT_KEYS, STUDY_KEYS
+
 from ..dicom_codecs import SYNTAXES, decodable_syntaxes, decoder_plugins
 from ..dicom_functional_groups import _META_MACROS, _PIXEL_MACROS
-from .base import GEOMETRY_KEYS, PATIENT_KEYS
-from .dicom_frames import _STUDY_KEYS, _TIME_KEYS, _UID_KEYS, XRAY_STORAGE_SOP_CLASSES
+from .base import GEOMETRY_KEYS
+from .dicom_frames import _TIME_KEYS, _UID_KEYS, XRAY_STORAGE_SOP_CLASSES
 from .dicom_scp import STATUS_MEANINGS, TLS_VERSIONS, VERIFICATION_SOP_CLASS, DicomStorageSource
 
 # Per-frame keys the decode path adds to the message's "source" map (imageio, dicom_frames,
@@ -180,7 +182,7 @@ def conformance_markdown() -> str:
                 *_UID_KEYS,
                 "Modality",
                 *PATIENT_KEYS,
-                *_STUDY_KEYS,
+                *STUDY_KEYS,
                 *_TIME_KEYS,
                 *(k for keys in _META_MACROS.values() for k in keys if k not in GEOMETRY_KEYS),
             )

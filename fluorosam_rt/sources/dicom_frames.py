@@ -11,8 +11,9 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from bridge.protocol import PATIENT_KEYS, STUDY_KEYS
+
 from ..imageio import ImageReadError, read_dicom_frames
-from .base import PATIENT_KEYS
 
 # Storage SOP classes a C-arm or radiography system sends (PS3.4 B.5).
 XRAY_STORAGE_SOP_CLASSES = {
@@ -31,8 +32,6 @@ XRAY_STORAGE_SOP_CLASSES = {
 # Kept for the DICOM SEG that a downstream archive writes (issue 7); never logged.
 _UID_KEYS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "FrameOfReferenceUID")
 _TIME_KEYS = ("AcquisitionDateTime", "AcquisitionDate", "AcquisitionTime", "ContentDate", "ContentTime")
-# Study attributes a derived object (the bridge's DICOM SEG) must repeat to join the same study.
-_STUDY_KEYS = ("StudyDate", "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName")
 
 
 def _first_float(ds: Any, keyword: str) -> float | None:
@@ -47,7 +46,7 @@ def _first_float(ds: Any, keyword: str) -> float | None:
 
 def dataset_meta(ds: Any) -> dict[str, Any]:
     meta: dict[str, Any] = {}
-    for kw in (*_UID_KEYS, *PATIENT_KEYS, *_STUDY_KEYS, *_TIME_KEYS, "Modality"):
+    for kw in (*_UID_KEYS, *PATIENT_KEYS, *STUDY_KEYS, *_TIME_KEYS, "Modality"):
         v = ds.get(kw)
         if v is not None and str(v) != "":
             meta[kw] = str(v)
