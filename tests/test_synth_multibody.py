@@ -429,3 +429,23 @@ def test_prepare_only_fills_the_shared_cache(bodies: Path, tmp_path: Path, capsy
         "tiny_pelvis",
     ]
     assert main(["synth", "--bodies", "all", "--n", "2"]) == 2  # a real run still wants --out
+
+
+def test_prepared_cache_drops_least_recently_used_files_beyond_its_cap(tmp_path: Path) -> None:
+    """Old prepared volumes (rebuilt bodies, other spacings) do not pile up: the least recently used go
+    first, the file just written never, and a load counts as a use."""
+    import os
+
+    from train.synth.body_pool import prune_prepared
+
+    files = []
+    for k, name in enumerate(["a-1.npz", "b-1.npz", "a-2.npz", "c-1.npz"]):
+        f = tmp_path / name
+        f.write_bytes(b"x" * 1000)
+        os.utime(f, (1000 + k, 1000 + k))
+        files.append(f)
+    os.utime(files[0], (2000, 2000))  # a-1 was loaded recently: now the newest but one
+    removed = prune_prepared(tmp_path, keep=files[3], max_bytes=2500)
+    assert [f.name for f in removed] == ["b-1.npz", "a-2.npz"]
+    assert sorted(f.name for f in tmp_path.glob("*.npz")) == ["a-1.npz", "c-1.npz"]
+    assert prune_prepared(tmp_path, keep=files[3], max_bytes=0) == [files[0]]  # never the kept file

@@ -11,6 +11,11 @@ result is the same for every run with the same spacings, so it is cached as an `
 The first worker that needs a body prepares it under an exclusive ``flock`` while the others wait, then
 all load the file. A worker keeps at most ``max_bodies`` prepared bodies (least recently used out), so its
 memory is bounded by the largest bodies, not by how many the run has.
+
+The shared cache is bounded too: a rebuilt body or another spacing leaves its old file behind, so after
+each new file the least recently used ones (a load touches its file's mtime) are removed until the cache
+holds at most ``$FLUOROSAM_PREPARED_MAX_GB`` (default 8) GiB. A file removed under a reader that had
+only checked it exists is prepared again.
 """
 
 from __future__ import annotations
@@ -58,20 +63,57 @@ def save_atomic(vol: PreparedVolume, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _load_touch(path: Path) -> PreparedVolume | None:
+    """Load and mark as recently used; None when the file is gone (pruned by another process)."""
+    try:
+        vol = PreparedVolume.load(path)
+        os.utime(path)
+    except FileNotFoundError:
+        return None
+    return vol
+
+
+def prune_prepared(folder: Path, keep: Path, max_bytes: int) -> list[Path]:
+    """Remove the least recently used ``*.npz`` in ``folder`` (never ``keep``) until it holds <= max_bytes."""
+    files = []
+    for f in folder.glob("*.npz"):
+        try:
+            st = f.stat()
+        except FileNotFoundError:
+            continue
+        files.append((st.st_mtime, st.st_size, f))
+    total = sum(size for _, size, _ in files)
+    removed = []
+    for _, size, f in sorted(files):
+        if total <= max_bytes:
+            break
+        if f == keep:
+            continue
+        f.unlink(missing_ok=True)
+        f.with_name(f".{f.name}.lock").unlink(missing_ok=True)
+        total -= size
+        removed.append(f)
+    return removed
+
+
+def prepared_cache_max_bytes() -> int:
+    return int(float(os.environ.get("FLUOROSAM_PREPARED_MAX_GB", "8")) * 2**30)
+
+
 def load_or_prepare(
     path: Path, read: Callable[[], CTSource], density_mm: float, label_mm: float
 ) -> PreparedVolume:
     """The cached prepared volume at ``path``, preparing it from ``read()`` first if nobody has yet."""
-    if path.exists():
-        return PreparedVolume.load(path)
+    if path.exists() and (vol := _load_touch(path)) is not None:
+        return vol
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(f".{path.name}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if not path.exists():
+        if not path.exists() or (vol := _load_touch(path)) is None:
             vol = prepare_volume(read(), density_mm, label_mm, seed=PREPARE_SEED)
             save_atomic(vol, path)
-            return vol
-    return PreparedVolume.load(path)
+            prune_prepared(path.parent, path, prepared_cache_max_bytes())
+        return vol
 
 
 class BodyPool(Generic[T]):
