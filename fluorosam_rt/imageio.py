@@ -173,6 +173,9 @@ def _read_tiff(path: Path) -> XrayImage:
 # --------------------------------------------------------------------------- DICOM
 
 
+_NO_FILE = "<dataset>"  # the name a data set that is not a file goes by in messages
+
+
 def _ds_float_list(ds: Any, keyword: str) -> list[float] | None:
     value = ds.get(keyword)
     if value is None:
@@ -185,7 +188,9 @@ def _ds_float_list(ds: Any, keyword: str) -> list[float] | None:
 
 
 def _dicom_meta(ds: Any, path: str) -> dict[str, Any]:
-    meta: dict[str, Any] = {"source_path": path, "format": "dicom"}
+    # A data set received over the network (no file: "<dataset>") has no source path.
+    meta: dict[str, Any] = {"source_path": path} if path != _NO_FILE else {}
+    meta["format"] = "dicom"
     for kw in (
         "Modality",
         "PhotometricInterpretation",
@@ -454,7 +459,7 @@ def read_dicom_frames(ds_or_path: Any) -> list[XrayImage]:
 
     if isinstance(ds_or_path, pydicom.Dataset):
         ds = ds_or_path
-        path = str(getattr(ds, "filename", None) or "<dataset>")
+        path = str(getattr(ds, "filename", None) or _NO_FILE)
     else:
         p = _existing(ds_or_path)
         ds = _open_dicom(p, force=True)

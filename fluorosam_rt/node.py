@@ -44,7 +44,7 @@ from .geometry_stage import GeometryStage, frame_spacing, support_rois
 from .overlay import to_display_u8
 from .predictor import Predictor
 from .prompts import Prompt
-from .sources.base import GEOMETRY_KEYS, PATIENT_KEYS, Frame, Source
+from .sources.base import PATIENT_KEYS, Frame, Source
 
 log = logging.getLogger(__name__)
 
@@ -347,16 +347,14 @@ class Node:
             self.flow.record(done.frame.frame_id, done.t)
 
     def _message(self, done: Processed) -> MaskMessage:
-        meta = done.frame.meta
-        geometry = {k: meta[k] for k in GEOMETRY_KEYS if meta.get(k) is not None}
-        source = {k: v for k, v in meta.items() if k not in GEOMETRY_KEYS}
+        meta = done.frame.meta  # built once by the source (sources.base.frame_meta), taken as is
         return MaskMessage(
             stream=self.stream,
             frame_id=done.frame.frame_id,
             seq=0,
             timestamps_ns=dict(done.t),
-            source=source,
-            geometry=geometry,
+            source=meta.source,
+            geometry=meta.geometry,
             source_shape=tuple(done.frame.pixels.shape[:2]),
             downsample=self.downsample,
             encoding=self.mask_encoding,
@@ -366,7 +364,7 @@ class Node:
             ],
             image=done.image,
             model=self.model_name,
-            spacing=frame_spacing(meta),
+            spacing=frame_spacing(meta.geometry),
             scene=done.scene,
         )
 

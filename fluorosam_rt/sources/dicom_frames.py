@@ -119,13 +119,7 @@ def dataset_frames(ds: Any) -> list[tuple[np.ndarray, dict[str, Any]]]:
         raise
     except Exception as exc:
         raise ImageReadError(f"DICOM data set cannot be decoded: {type(exc).__name__}: {exc}") from exc
-    out = []
-    for img in images:
-        meta = {**img.meta, **extra}
-        if meta.get("source_path") == "<dataset>":  # received over the network: there is no file
-            del meta["source_path"]
-        out.append((img.pixels, meta))
-    return out
+    return [(img.pixels, {**img.meta, **extra}) for img in images]
 
 
 def dicom_file_frames(src: str | os.PathLike[str] | BinaryIO) -> list[tuple[np.ndarray, dict[str, Any]]]:

@@ -347,12 +347,13 @@ class DicomStorageSource(Source):
                 self.reject("queue_full")
                 return self._answer(STATUS_OUT_OF_RESOURCES, "frame queue is full")
             offset = 0.0  # a multi-frame object's frame k "arrives" k frame intervals after it
-            for pixels, meta in frames:
-                meta["calling_ae"] = str(event.assoc.requestor.ae_title).strip()
+            calling_ae = str(event.assoc.requestor.ae_title).strip()
+            for pixels, fields in frames:
                 interval = 0.0
                 if len(frames) > 1:
-                    ms = meta.get("frame_interval_ms")
+                    ms = fields.get("frame_interval_ms")
                     interval = ms / 1000.0 if ms else 1.0 / self.multiframe_fps
+                meta = self.frame_meta(fields, calling_ae=calling_ae)
                 self._pending.put_nowait((pixels, meta, interval, arrived_ns + round(offset * 1e9)))
                 offset += interval
             self.objects_received += 1

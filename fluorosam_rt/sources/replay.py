@@ -41,9 +41,8 @@ class ReplaySource(Source):
         n = 0
         while not self._stop.is_set():
             pixels, meta = self.frames[n % len(self.frames)]
-            self.emit(
-                pixels, {**meta, "replay_index": n % len(self.frames), "replay_pass": n // len(self.frames)}
-            )
+            index, loop = n % len(self.frames), n // len(self.frames)
+            self.emit(pixels, self.frame_meta(meta, replay_index=index, replay_pass=loop))
             n += 1
             if not self.loop and n >= len(self.frames):
                 self._finish()

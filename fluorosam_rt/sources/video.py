@@ -216,7 +216,9 @@ class VideoSource(Source):
             if gray.size == 0:
                 self.reject("empty_after_crop", f"ROI {self._crop} leaves nothing of a {img.shape} frame")
                 continue
-            self.emit(np.ascontiguousarray(gray), {"frame_index": index, "roi": self._crop}, ts)
+            self.emit(
+                np.ascontiguousarray(gray), self.frame_meta({"frame_index": index, "roi": self._crop}), ts
+            )
             index += 1
             if pace:
                 t_next += 1.0 / fps
