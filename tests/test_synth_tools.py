@@ -14,7 +14,8 @@ from train.synth.geometry import Camera
 from train.synth.landmarks import anatomy_of
 from train.synth.projector import Projector
 from train.synth.regions import REGIONS
-from train.synth.tools import Tool, sample_tools
+from train.synth.tool_sampling import sample_tools
+from train.synth.tools import Tool
 from train.synth.vocabulary import Vocabulary
 from train.synth.volume import prepare_volume
 

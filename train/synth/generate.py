@@ -41,7 +41,7 @@ from train.synth.physics import (
 )
 from train.synth.projector import RayTool
 from train.synth.regions import REGIONS, regions_of
-from train.synth.tools import sample_tools
+from train.synth.tool_sampling import sample_tools
 from train.synth.variation import apply_variation, sample_variation
 from train.synth.views import sample_view
 from train.synth.vocabulary import Vocabulary

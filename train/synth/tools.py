@@ -4,8 +4,8 @@ Tools are unions of capped cylinders, hollow tubes and boxes (minus hole cylinde
 through a tool is closed-form: no voxelisation, sub-millimetre wires stay sharp at any image size, and the
 tool adds to its material's line integral in the same projector pass as the anatomy.
 
-Placement: without a region (``sample_tools(..., region=None)``) tools go anywhere on the anatomy, as before.
-With a region, each tool goes where a surgeon puts it for that region, from the body's own landmarks
+Placement (``tool_sampling.sample_tools``): without a region tools go anywhere on the anatomy (``TOOL_MAKERS``
+here). With a region, each tool goes where a surgeon puts it for that region, from the body's own landmarks
 (``tool_sites``): cannulated screws and K-wires in the femoral neck, sacroiliac screws, pedicle screws in
 bilateral pairs, plates on the distal radius, clavicle, proximal humerus and tibia, drill bits on those
 trajectories, guidewires and catheters along the body's vessels (or the path a femoral access takes).
@@ -407,30 +407,3 @@ TOOL_MAKERS = {
     "plate": make_plate,
     "endovascular": make_endovascular,
 }
-
-
-def sample_tools(
-    rng: np.random.Generator,
-    vol: PreparedVolume,
-    p_none: float = 0.3,
-    region: str | None = None,
-    max_kinds: int = 3,
-) -> list[Tool]:
-    """A random, plausible tool set for one scenario (possibly empty).
-
-    ``region`` None: anywhere on the anatomy (the original behaviour: same draws, same tools for a seed).
-    A region name: 1-``max_kinds`` tool sites that make sense there (``tool_sites.REGION_SITES``), placed
-    from the body's landmarks; raises when the body does not have the region.
-    """
-    if region is not None:
-        from train.synth.tool_sites import sample_region_tools  # tool_sites builds on this module
-
-        return sample_region_tools(rng, vol, region, p_none=p_none, max_kinds=max_kinds)
-    if rng.random() < p_none:
-        return []
-    names = list(TOOL_MAKERS)
-    k = int(rng.integers(1, max_kinds + 1))
-    out: list[Tool] = []
-    for name in rng.choice(names, size=k, replace=False):
-        out += TOOL_MAKERS[str(name)](rng, vol)
-    return out
