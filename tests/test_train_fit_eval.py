@@ -231,3 +231,36 @@ def test_data_globs_expand_to_the_chunks_that_exist(tmp_path: Path) -> None:
     got = expand_data_paths([str(tmp_path / "chunk_*"), str(tmp_path / "other")])
     assert got == [str(tmp_path / "chunk_000"), str(tmp_path / "chunk_002"), str(tmp_path / "other")]
     assert expand_data_paths([str(tmp_path / "missing_*")]) == []
+
+
+def _safetensors_parts(path: Path) -> tuple[dict, bytes]:
+    """(parsed header, data bytes): safetensors writes its metadata map in hash order (a Rust
+    HashMap), so two writes of one model can differ in the header's key order, never in content."""
+    import struct
+
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
+
+
+def test_export_from_last_pt_equals_what_fit_writes(toy: Path, tmp_path: Path) -> None:
+    """``fluorosam-train export`` makes the run's model.safetensors from last.pt (same tensors,
+    bit for bit, and same metadata), and leaves the run folder as it was (it can run beside the
+    training job)."""
+    from train.cli import main
+
+    fit(_cfg(tmp_path, toy, "run", max_steps=2, ckpt_every=1))
+    run = tmp_path / "run"
+    before = {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in run.rglob("*")}
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "x.safetensors")]) == 0
+    exported, written = (
+        _safetensors_parts(tmp_path / "x.safetensors"),
+        _safetensors_parts(run / "model.safetensors"),
+    )
+    assert exported == written  # header (tensor names, offsets, metadata) and every tensor byte
+    assert {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in run.rglob("*")} == before
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        main(["export", "--run", str(tmp_path / "nowhere"), "--out", str(tmp_path / "y.safetensors")])
+    with pytest.raises(SystemExit, match="in the run folder"):
+        main(["export", "--run", str(run), "--out", str(run / "model.safetensors")])
+    assert {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in run.rglob("*")} == before

@@ -353,6 +353,12 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
     add_fit_parser(sub)
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    from train.train_cli import add_export_parser
+
+    add_export_parser(sub)
+
+
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     from train.train_cli import add_eval_parser
 
@@ -371,6 +377,7 @@ _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_synth_bench,
     _add_synth_sweep,
     _add_fit,
+    _add_export,
     _add_eval,
     _add_bodies,
 ]

@@ -494,11 +494,49 @@ def resolve_resume(resume: str | None, out: str | Path) -> str | None:
     return str(last) if last.exists() else None
 
 
-def fit(cfg: FitConfig, resume: str | None = None) -> dict[str, Any]:
-    """Train; returns a summary (steps, seconds, final losses, paths). Rank 0 writes all outputs."""
+# -- build / step / loop / checkpoint ---------------------------------------------------------------
+@dataclass
+class Run:
+    """What a training run holds between steps (``build_run``); the step and loop functions take it.
+
+    ``ds`` is the data the run started with (the codebook is snapped from its structures at the
+    end), ``images.ds`` the data it reads now (``rescan_data`` replaces it each epoch). ``enc`` is
+    kept only with ``rescan_data`` (new data may bring phrasings the bank lacks).
+    """
+
+    cfg: FitConfig
+    d: Dist
+    out: Path
+    model: FluoroSAM
+    step_module: TrainStep
+    net: nn.Module  # step_module, or its DDP wrapper
+    opt: torch.optim.Optimizer
+    scaler: Any  # torch.amp.GradScaler (float16 autocast on CUDA) or None
+    use_amp: bool
+    amp_dtype: torch.dtype
+    ds: XrayDataset
+    images: PromptedImages
+    batches: EpochBatches
+    bank: TextFeatureBank
+    enc: Any
+    cache: str | Path
+    text_spec: dict[str, Any]
+    start_step: int
+    elapsed_before: float  # training seconds of the segments before this one (from the checkpoint)
+    t0: float  # wall time this segment's clock started
+    cpu0: float  # process CPU seconds at the start
+    start_utc: str
+    loader_pool: Any = None
+
+    def elapsed(self) -> float:
+        """Training seconds so far, all segments together (what the schedule and the budget follow)."""
+        return self.elapsed_before + time.time() - self.t0
+
+
+def build_run(cfg: FitConfig, resume: str | None) -> Run:
+    """Model, data, text bank, optimizer, and the checkpoint's state when resuming (``resume``: a path)."""
     d = init_distributed()
-    resume = resolve_resume(resume, cfg.out)
-    seg_start_utc = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    start_utc = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     cpu0 = time.process_time()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -520,7 +558,7 @@ def fit(cfg: FitConfig, resume: str | None = None) -> dict[str, Any]:
     if d.world > 1 and d.main:
         dist.barrier()
     if not cfg.rescan_data:
-        del enc  # with rescans, new data may bring phrasings the bank lacks: keep the encoder
+        enc = None  # with rescans, new data may bring phrasings the bank lacks: keep the encoder
     canonical = torch.stack([bank.features[bank.idx(s.prompt)] for s in ds.structures.values()])
 
     start_step = 0
@@ -568,129 +606,191 @@ def fit(cfg: FitConfig, resume: str | None = None) -> dict[str, Any]:
         import multiprocessing as mp
 
         loader_pool = mp.get_context("fork").Pool(cfg.num_workers)
+    return Run(
+        cfg=cfg,
+        d=d,
+        out=out,
+        model=model,
+        step_module=step_module,
+        net=net,
+        opt=opt,
+        scaler=scaler,
+        use_amp=use_amp,
+        amp_dtype=amp_dtype,
+        ds=ds,
+        images=images,
+        batches=batches,
+        bank=bank,
+        enc=enc,
+        cache=cache,
+        text_spec=text_spec,
+        start_step=start_step,
+        elapsed_before=elapsed_before,
+        t0=t0,
+        cpu0=cpu0,
+        start_utc=start_utc,
+        loader_pool=loader_pool,
+    )
 
-    def load_batch(idx: list[int], epoch: int) -> dict[str, torch.Tensor]:
-        images.set_epoch(epoch)
-        items = loader_pool.map(images.__getitem__, idx) if loader_pool else [images[i] for i in idx]
-        b = collate(items)
-        b["sample"] = torch.tensor(idx)
-        return b
 
-    csv_file = writer = bar = None
-    if d.main:
-        new = not (out / "log.csv").exists() or not resume
-        csv_file = open(out / "log.csv", "w" if new else "a", newline="")  # noqa: SIM115  (open for the run)
-        csv_w = csv.writer(csv_file)
+def load_batch(run: Run, idx: list[int], epoch: int) -> dict[str, torch.Tensor]:
+    """The samples ``idx`` of ``epoch`` (their augmentation and prompts are seeded by the epoch)."""
+    run.images.set_epoch(epoch)
+    pool = run.loader_pool
+    items = pool.map(run.images.__getitem__, idx) if pool else [run.images[i] for i in idx]
+    b = collate(items)
+    b["sample"] = torch.tensor(idx)
+    return b
+
+
+def rescan_data(run: Run) -> None:
+    """At an epoch boundary: re-open the data (chunks the data engine finished meanwhile).
+
+    Order stays seeded by the epoch; phrasings the bank lacks are encoded and added.
+    """
+    cfg, d = run.cfg, run.d
+    run.images.ds = _training_datasets(cfg)
+    new_texts = all_prompt_texts([run.images.ds])
+    if any(normalize_prompt(t) not in run.bank.index for t in new_texts):
+        run.bank = TextFeatureBank.build([*run.bank.texts, *new_texts], run.enc, run.cache)
+        run.images.bank = run.bank
+        run.step_module.features = run.bank.features.to(d.device)
+    run.batches = EpochBatches(len(run.images), cfg.global_batch, d.rank, d.world, cfg.seed)
+
+
+def train_step(run: Run, batch: dict[str, torch.Tensor], step: int) -> tuple[dict[str, float], float, float]:
+    """One optimizer step at ``step``: clicks seeded by (seed, step, sample), the lr from the schedule.
+
+    Returns the step's losses, its lr and the training seconds before it (what the log records).
+    """
+    cfg, opt, scaler = run.cfg, run.opt, run.scaler
+    srng = np.random.default_rng([cfg.seed, 104729, step])
+    n_points = (
+        int(srng.integers(1, cfg.sampling.max_points + 1)) if srng.random() < cfg.sampling.p_points else 0
+    )
+    click_seeds, slot, prev = [], 0, -1
+    for ii in batch["image_index"].tolist():
+        slot = slot + 1 if ii == prev else 0
+        prev = ii
+        click_seeds.append(int(cfg.seed * 1_000_003 + step * 10_007 + int(batch["sample"][ii]) * 101 + slot))
+    elapsed = run.elapsed()
+    progress = step / cfg.max_steps
+    if cfg.time_budget_s > 0:
+        progress = max(progress, elapsed / cfg.time_budget_s)
+    lr = lr_at(cfg, progress, step)
+    for g in opt.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+    with torch.autocast(run.d.device.type, dtype=run.amp_dtype, enabled=run.use_amp):
+        loss, parts = run.net(batch, n_points, click_seeds)
+    opt.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+    else:
+        loss.backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    last = {
+        "loss": float(loss.detach()),
+        "mask": float(parts["mask"]),
+        "absent": float(parts["absent"]),
+        "iou": float(parts["iou"]),
+        "vq": float(parts["vq"]),
+        "text_iou": float(parts["text_only_iou"][batch["present"]].mean()) if batch["present"].any() else 0.0,
+    }
+    return last, lr, elapsed
+
+
+class RunLog:
+    """Rank 0's running record: log.csv (appended on resume), TensorBoard if installed, the progress bar."""
+
+    COLUMNS = ("step", "epoch", "lr", "loss", "mask", "absent", "iou", "vq", "text_iou", "elapsed_s")
+
+    def __init__(self, run: Run, resumed: bool) -> None:
+        cfg, out = run.cfg, run.out
+        new = not (out / "log.csv").exists() or not resumed
+        self.file = open(out / "log.csv", "w" if new else "a", newline="")  # noqa: SIM115  (open for the run)
+        self.csv = csv.writer(self.file)
         if new:
-            csv_w.writerow(
-                ["step", "epoch", "lr", "loss", "mask", "absent", "iou", "vq", "text_iou", "elapsed_s"]
-            )
+            self.csv.writerow(list(self.COLUMNS))
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            writer = SummaryWriter(str(out / "tb"))
+            self.writer: Any = SummaryWriter(str(out / "tb"))
         except Exception:  # TensorBoard is optional; the CSV is the record
-            writer = None
+            self.writer = None
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not cfg.progress, desc="fit", unit="step")
+        self.bar = tqdm(
+            total=cfg.max_steps, initial=run.start_step, disable=not cfg.progress, desc="fit", unit="step"
+        )
 
-    step = start_step
-    epoch, j = divmod(step, batches.batches_per_epoch)
+    def step(
+        self, run: Run, step: int, epoch: int, lr: float, elapsed: float, last: dict[str, float]
+    ) -> None:
+        cfg = run.cfg
+        if cfg.time_budget_s > 0:  # the budget ends the run: show its step count for the ETA
+            done = run.elapsed()
+            self.bar.total = min(cfg.max_steps, max(step, int(step * cfg.time_budget_s / max(done, 1e-6))))
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{last['loss']:.3f}", tiou=f"{last['text_iou']:.2f}", lr=f"{lr:.1e}")
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            self.csv.writerow(
+                [step, epoch, f"{lr:.3e}"]
+                + [f"{last[k]:.5f}" for k in ("loss", "mask", "absent", "iou", "vq", "text_iou")]
+                + [f"{elapsed:.1f}"]
+            )
+            self.file.flush()
+            if self.writer is not None:
+                for k, v in last.items():
+                    self.writer.add_scalar(f"train/{k}", v, step)
+                self.writer.add_scalar("train/lr", lr, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def checkpoint(run: Run, step: int, elapsed_s: float) -> None:
+    """The run folder's last.pt: what ``--resume`` continues from (weights, optimizer, step, seconds)."""
+    save_checkpoint(
+        run.out / "last.pt", run.model, run.opt, run.scaler, step, run.cfg, {"elapsed_s": elapsed_s}
+    )
+
+
+def run_loop(run: Run, log: RunLog | None) -> tuple[int, dict[str, float], str]:
+    """Steps until max_steps, the time budget or a stop signal; returns (step, last losses, ended_by)."""
+    cfg, d = run.cfg, run.d
+    step = run.start_step
+    epoch, j = divmod(step, run.batches.batches_per_epoch)
     last: dict[str, float] = {}
     stop = torch.zeros(1)
     stop_request = StopRequest().install()
     ended_by = "max_steps"
-    model.train()
+    run.model.train()
     if cfg.freeze_bn:
-        _bn_eval(model)
+        _bn_eval(run.model)
     while step < cfg.max_steps:
-        if j >= batches.batches_per_epoch:
+        if j >= run.batches.batches_per_epoch:
             epoch, j = epoch + 1, 0
             if cfg.rescan_data and d.world == 1:
-                # Picks up chunks the data engine finished meanwhile; order stays seeded by epoch.
-                images.ds = _training_datasets(cfg)
-                new_texts = all_prompt_texts([images.ds])
-                if any(normalize_prompt(t) not in bank.index for t in new_texts):
-                    bank = TextFeatureBank.build([*bank.texts, *new_texts], enc, cache)
-                    images.bank = bank
-                    step_module.features = bank.features.to(d.device)
-                batches = EpochBatches(len(images), cfg.global_batch, d.rank, d.world, cfg.seed)
-        idx = batches.batch(epoch, j)
-        batch = {k: v.to(d.device) for k, v in load_batch(idx, epoch).items()}
-        srng = np.random.default_rng([cfg.seed, 104729, step])
-        n_points = (
-            int(srng.integers(1, cfg.sampling.max_points + 1)) if srng.random() < cfg.sampling.p_points else 0
-        )
-        click_seeds, slot, prev = [], 0, -1
-        for ii in batch["image_index"].tolist():
-            slot = slot + 1 if ii == prev else 0
-            prev = ii
-            click_seeds.append(
-                int(cfg.seed * 1_000_003 + step * 10_007 + int(batch["sample"][ii]) * 101 + slot)
-            )
-        elapsed = elapsed_before + time.time() - t0
-        progress = step / cfg.max_steps
-        if cfg.time_budget_s > 0:
-            progress = max(progress, elapsed / cfg.time_budget_s)
-        lr = lr_at(cfg, progress, step)
-        for g in opt.param_groups:
-            g["lr"] = lr * g.get("lr_scale", 1.0)
-        with torch.autocast(d.device.type, dtype=amp_dtype, enabled=use_amp):
-            loss, parts = net(batch, n_points, click_seeds)
-        opt.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-        else:
-            loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        if scaler is not None:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
+                rescan_data(run)
+        idx = run.batches.batch(epoch, j)
+        batch = {k: v.to(d.device) for k, v in load_batch(run, idx, epoch).items()}
+        last, lr, elapsed = train_step(run, batch, step)
         step += 1
         j += 1
-        last = {
-            "loss": float(loss.detach()),
-            "mask": float(parts["mask"]),
-            "absent": float(parts["absent"]),
-            "iou": float(parts["iou"]),
-            "vq": float(parts["vq"]),
-            "text_iou": float(parts["text_only_iou"][batch["present"]].mean())
-            if batch["present"].any()
-            else 0.0,
-        }
-        if d.main:
-            if cfg.time_budget_s > 0:  # the budget ends the run: show its step count for the ETA
-                done = elapsed_before + time.time() - t0
-                bar.total = min(cfg.max_steps, max(step, int(step * cfg.time_budget_s / max(done, 1e-6))))
-            bar.update(1)
-            bar.set_postfix(loss=f"{last['loss']:.3f}", tiou=f"{last['text_iou']:.2f}", lr=f"{lr:.1e}")
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                csv_w.writerow(
-                    [step, epoch, f"{lr:.3e}"]
-                    + [f"{last[k]:.5f}" for k in ("loss", "mask", "absent", "iou", "vq", "text_iou")]
-                    + [f"{elapsed:.1f}"]
-                )
-                csv_file.flush()
-                if writer is not None:
-                    for k, v in last.items():
-                        writer.add_scalar(f"train/{k}", v, step)
-                    writer.add_scalar("train/lr", lr, step)
+        if log is not None:
+            log.step(run, step, epoch, lr, elapsed, last)
             if step % cfg.ckpt_every == 0:
-                save_checkpoint(
-                    out / "last.pt",
-                    model,
-                    opt,
-                    scaler,
-                    step,
-                    cfg,
-                    {"elapsed_s": elapsed_before + time.time() - t0},
-                )
-        over_budget = cfg.time_budget_s > 0 and elapsed_before + time.time() - t0 >= cfg.time_budget_s
+                checkpoint(run, step, run.elapsed())
+        over_budget = cfg.time_budget_s > 0 and run.elapsed() >= cfg.time_budget_s
         stop[0] = float(over_budget or stop_request.requested)
         if d.world > 1:
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)
@@ -698,9 +798,49 @@ def fit(cfg: FitConfig, resume: str | None = None) -> dict[str, Any]:
             ended_by = "time_budget" if over_budget else stop_request.signal_name or "signal"
             break
     stop_request.restore()
-    if loader_pool is not None:
-        loader_pool.close()
-    total = elapsed_before + time.time() - t0
+    return step, last, ended_by
+
+
+def export_model(
+    model: FluoroSAM,
+    cfg: FitConfig,
+    bank: TextFeatureBank,
+    ds: XrayDataset,
+    text_spec: dict[str, Any],
+    step: int,
+    seconds: float,
+    path: Path,
+) -> int | None:
+    """The shipped weights: eval mode, the VQ codebook snapped (``vq: snap``), model.safetensors.
+
+    Returns how many texts got a code (None when the codebook is trained, not snapped). Changes
+    ``model`` (eval mode, codebook): call it when training is over.
+    """
+    from fluorosam_rt.checkpoint import save_native
+
+    model.eval()
+    codebook_texts = None
+    if cfg.vq == "snap":
+        canon_texts = {bank.idx(st.prompt) for st in ds.structures.values()}
+        other = [i for i in range(len(bank)) if i not in canon_texts]
+        codebook_texts = snap_codebook(model, bank.features[sorted(canon_texts)], bank.features[other])
+    save_native(
+        model,
+        path,
+        text_spec,
+        {"train_steps": step, "train_seconds": round(seconds, 1), "seed": cfg.seed},
+    )
+    return codebook_texts
+
+
+def finish_run(
+    run: Run, log: RunLog | None, step: int, last: dict[str, float], ended_by: str
+) -> dict[str, Any]:
+    """The end of a segment: final last.pt, a ledger row, model.safetensors and summary.json (rank 0)."""
+    cfg, d, out = run.cfg, run.d, run.out
+    if run.loader_pool is not None:
+        run.loader_pool.close()
+    total = run.elapsed()
     summary: dict[str, Any] = {
         "steps": step,
         "seconds": round(total, 1),
@@ -709,22 +849,23 @@ def fit(cfg: FitConfig, resume: str | None = None) -> dict[str, Any]:
         "ended_by": ended_by,
     }
     if d.main:
-        bar.close()
-        save_checkpoint(out / "last.pt", model, opt, scaler, step, cfg, {"elapsed_s": total})
+        assert log is not None
+        log.bar.close()
+        checkpoint(run, step, total)
         append_ledger(
             out,
             {
-                "start_utc": seg_start_utc,
+                "start_utc": run.start_utc,
                 "end_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "host": socket.gethostname(),
                 "cpu": _cpu_name(),
                 "device": torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "cpu",
                 "threads": torch.get_num_threads(),
                 "world": d.world,
-                "start_step": start_step,
+                "start_step": run.start_step,
                 "end_step": step,
-                "wall_s": round(time.time() - t0, 1),
-                "cpu_s": round((time.process_time() - cpu0) * d.world, 1),
+                "wall_s": round(time.time() - run.t0, 1),
+                "cpu_s": round((time.process_time() - run.cpu0) * d.world, 1),
                 "ended_by": ended_by,
             },
         )
@@ -734,29 +875,82 @@ def fit(cfg: FitConfig, resume: str | None = None) -> dict[str, Any]:
             "wall_h": round(sum(float(r["wall_s"]) for r in rows) / 3600, 3),
             "cpu_h": round(sum(float(r["cpu_s"]) for r in rows) / 3600, 3),
         }
-        from fluorosam_rt.checkpoint import save_native
-
-        model.eval()
-        if cfg.vq == "snap":
-            canon_texts = {bank.idx(st.prompt) for st in ds.structures.values()}
-            other = [i for i in range(len(bank)) if i not in canon_texts]
-            summary["codebook_texts"] = snap_codebook(
-                model, bank.features[sorted(canon_texts)], bank.features[other]
-            )
-        save_native(
-            model,
-            out / "model.safetensors",
-            text_spec,
-            {"train_steps": step, "train_seconds": round(total, 1), "seed": cfg.seed},
+        codebook_texts = export_model(
+            run.model, cfg, run.bank, run.ds, run.text_spec, step, total, out / "model.safetensors"
         )
+        if codebook_texts is not None:
+            summary["codebook_texts"] = codebook_texts
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
-        csv_file.close()
-        if writer is not None:
-            writer.close()
+        log.close()
     if d.world > 1:
         dist.barrier()
         dist.destroy_process_group()
     return summary
+
+
+def fit(cfg: FitConfig, resume: str | None = None) -> dict[str, Any]:
+    """Train; returns a summary (steps, seconds, final losses, paths). Rank 0 writes all outputs.
+
+    ``resume``: a last.pt to continue from, or ``auto`` (the run folder's last.pt if there is one).
+    """
+    resume = resolve_resume(resume, cfg.out)
+    run = build_run(cfg, resume)
+    log = RunLog(run, resumed=bool(resume)) if run.d.main else None
+    step, last, ended_by = run_loop(run, log)
+    return finish_run(run, log, step, last, ended_by)
+
+
+def export_checkpoint(run_dir_or_last_pt: str | Path, out_path: str | Path) -> Path:
+    """model.safetensors from a run's last.pt, as the run would write it had it stopped at that step.
+
+    Read-only on the run folder, so it can run beside the training job: the checkpoint's weights,
+    the run's config (in the checkpoint) and its text-feature bank (the run's cache file; encoded
+    afresh, not written, when the cache lacks a text). With ``rescan_data`` the data are re-opened
+    now, so the structures the codebook is snapped to are today's.
+    """
+    from fluorosam_rt.model.build import build_model
+
+    src = Path(run_dir_or_last_pt)
+    last_pt = src / "last.pt" if src.is_dir() else src
+    if not last_pt.is_file():
+        raise FileNotFoundError(f"no checkpoint at {last_pt} (give a run folder with last.pt, or a last.pt)")
+    out = Path(out_path)
+    if out.resolve().parent == last_pt.resolve().parent:
+        raise ValueError(f"{out} is in the run folder; export writes only outside it (the run owns it)")
+    state = torch.load(last_pt, map_location="cpu", weights_only=False)
+    cfg = FitConfig.from_dict(state["fit_config"])
+    model = build_model(ModelConfig.from_dict(state["model_config"]))
+    model.load_state_dict(state["model"])
+    if cfg.vq == "snap" and model.prompt_encoder.vq is not None:
+        model.prompt_encoder.vq.enabled = False
+    ds = _training_datasets(cfg)
+    enc = text_encoder_for(model)
+    cache = Path(cfg.text_cache or Path(cfg.out) / "text_features.pt")
+    if not cache.is_absolute() and not cache.is_file():
+        cache = last_pt.parent / cache.name  # the run folder moved or was copied: its own bank
+    texts = all_prompt_texts([ds])
+    bank = TextFeatureBank.build(texts, enc, cache if _bank_usable(cache, texts, enc) else None)
+    export_model(
+        model,
+        cfg,
+        bank,
+        ds,
+        {"kind": enc.kind, "identity": enc.identity()},
+        int(state["step"]),
+        float(state.get("elapsed_s", 0.0)),
+        out,
+    )
+    return out
+
+
+def _bank_usable(cache: Path, texts: list[str], enc: Any) -> bool:
+    """The cache holds every text for this encoder (TextFeatureBank.build then only reads it)."""
+    if not cache.is_file():
+        return False
+    saved = torch.load(cache, map_location="cpu", weights_only=True)
+    return saved.get("identity") == enc.identity() and {normalize_prompt(t) for t in texts} <= set(
+        saved["texts"]
+    )
 
 
 # -- CLI (arguments are declared in train/train_cli.py) ----------------------------------------------

@@ -1,4 +1,4 @@
-"""Argument parsers of ``fluorosam-train fit`` and ``eval``, kept free of heavy imports.
+"""Argument parsers of ``fluorosam-train fit``, ``export`` and ``eval``, kept free of heavy imports.
 
 ``fluorosam-train --help`` builds every subparser; torch and the model code load only when one of
 these subcommands actually runs.
@@ -34,6 +34,28 @@ def _run_fit(args: argparse.Namespace) -> int:
     from train.fit import run_fit
 
     return run_fit(args)
+
+
+def add_export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="model.safetensors from a run's last.pt without stopping the run (read-only on the run folder)",
+    )
+    p.add_argument("--run", required=True, help="run folder (with last.pt), or a last.pt")
+    p.add_argument("--out", required=True, help="where to write the .safetensors file")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from train.fit import export_checkpoint
+
+    try:
+        print(export_checkpoint(Path(args.run), Path(args.out)))
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"fluorosam-train export: {exc}") from None
+    return 0
 
 
 def add_eval_parser(sub: argparse._SubParsersAction) -> None:
