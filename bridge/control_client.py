@@ -1,6 +1,6 @@
 """An asyncio client of the node's control socket (one JSON request, one JSON reply).
 
-The node side and the full request list are in ``fluorosam_rt/control.py`` and docs/protocol.md;
+The node side and the full request list are in ``fluorosam_rt/service/control.py`` and docs/protocol.md;
 the bridge may not import that package, so this is the client half for asyncio bridge
 processes (the web viewer). A node that does not answer must never wedge the caller, so every
 request, send and receive, has one deadline; after a timeout or a socket error the REQ socket

@@ -4,7 +4,7 @@ When the node's mask stream and control socket are CURVE servers (docs/reliabili
 client needs its own key pair (``NAME.key_secret``, whose public half is in the node's
 allow-list folder) and the node's public key (``node.key``). These are ZeroMQ's certificate
 files as ``fluorosam-rt keys generate`` writes them. The node side lives in
-``fluorosam_rt.security``; this is the client half, here because the bridge may not import the
+``fluorosam_rt.service.security``; this is the client half, here because the bridge may not import the
 node package.
 """
 

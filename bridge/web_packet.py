@@ -35,7 +35,7 @@ import numpy as np
 from .protocol import PATIENT_KEYS, STAGES, STUDY_KEYS, MaskMessage, PromptResult
 
 # Time between consecutive stamps of the header's ``t`` map, named by the stage that ends it
-# as the node's flow accounting names it (fluorosam_rt/flow.py SEGMENTS); a stage a frame skipped
+# as the node's flow accounting names it (fluorosam_rt/service/flow.py SEGMENTS); a stage a frame skipped
 # folds into the next one it passed. "transport" is published -> arrival at the viewer.
 SEGMENT_NAMES = {
     "received": "ingest",

@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_engine_parser(sub)
 
-    from .node_cli import add_node_commands
+    from .service.node_cli import add_node_commands
 
     add_node_commands(sub)
     from .dicom_cli import add_dicom_commands
@@ -214,8 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .checkpoint import CheckpointError
     from .imageio import ImageReadError
-    from .node_config import NodeConfigError
     from .prompts import PromptError
+    from .service.node_config import NodeConfigError
     from .sources import SourceError
 
     try:

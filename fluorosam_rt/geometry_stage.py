@@ -26,9 +26,9 @@ import torch
 from bridge.geometry import source_pixel_size
 from bridge.prompt_geometry import Instance, PromptGeometry, Scene, Spacing
 
-from .flow import describe_ms
 from .linear_tools import LinearTools
 from .outlines import OutlineSettings, empty_geometry, outline_mask
+from .service.flow import describe_ms
 from .temporal import DEFAULT_CUT_ANGLE_DEG, DEFAULT_CUT_THRESHOLD, LogitSmoother, SceneCutDetector
 from .tool_axis import ToolFit, apply_tool, choose_tip, fit_tool
 from .tracking import InstanceTracker

@@ -1,4 +1,4 @@
-"""atheris: raw bytes on the control socket -> ``fluorosam_rt.control.parse_request``.
+"""atheris: raw bytes on the control socket -> ``fluorosam_rt.service.control.parse_request``.
 
 Contract: a validated request the executor can run as it is, or ``CommandError`` with a code and
 a message. Any other exception, or a request that breaks the executor's assumptions, is a crash.
@@ -14,8 +14,8 @@ import sys
 import atheris
 
 with atheris.instrument_imports(include=["fluorosam_rt"]):
-    from fluorosam_rt.control import COMMANDS, CommandError, parse_request
     from fluorosam_rt.prompts import Prompt
+    from fluorosam_rt.service.control import COMMANDS, CommandError, parse_request
 
 import harness
 

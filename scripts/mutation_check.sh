@@ -32,9 +32,9 @@ else
   trap 'rm -rf "$tmp"' EXIT
 fi
 
-# Seeds one bug into the copy's fluorosam_rt/node.py; fails loudly if the code it targets moved.
+# Seeds one bug into the copy's fluorosam_rt/service/node.py; fails loudly if the code it targets moved.
 seed() {
-  "$py" - "$tmp/repo/fluorosam_rt/node.py" "$1" <<'PY'
+  "$py" - "$tmp/repo/fluorosam_rt/service/node.py" "$1" <<'PY'
 import sys
 
 path, which = sys.argv[1], sys.argv[2]
@@ -77,7 +77,7 @@ fresh_copy() {
   ln -sfn "$(cd "$root/.." && pwd)/shared" "$tmp/shared"
   # The copy's code must be what the tests import (not the editable install of this checkout).
   (cd "$tmp/repo" && PYTHONPATH="$tmp/repo" "$py" -c \
-    "import fluorosam_rt.node as n, sys; sys.exit(0 if n.__file__.startswith('$tmp/repo/') else 'imports ' + n.__file__)")
+    "import fluorosam_rt.service.node as n, sys; sys.exit(0 if n.__file__.startswith('$tmp/repo/') else 'imports ' + n.__file__)")
 }
 
 run_tests() {  # prints the failed tests; returns pytest's code

@@ -28,8 +28,8 @@ from bridge.protocol import (
     decode_message,
     encode_message,
 )
-from fluorosam_rt.control import MAX_REQUEST_BYTES, send_command
-from fluorosam_rt.node_config import ControlSettings, PublishSettings
+from fluorosam_rt.service.control import MAX_REQUEST_BYTES, send_command
+from fluorosam_rt.service.node_config import ControlSettings, PublishSettings
 from fluorosam_rt.sources.base import Frame
 from fluorosam_rt.sources.dicom_scp import DicomStorageSource
 

@@ -18,8 +18,8 @@ from fluorosam_rt.bench.baseline import NaiveBaseline, on_worker_thread
 from fluorosam_rt.bench.floor import floor_report, matmul_gflops, model_flops
 from fluorosam_rt.bench.harness import SUM_TOLERANCE_MS, BenchOptions, join_cell
 from fluorosam_rt.bench.run import run_bench
-from fluorosam_rt.flow import MISSING, STAGES
 from fluorosam_rt.predictor import Predictor
+from fluorosam_rt.service.flow import MISSING, STAGES
 
 sys.path.insert(0, str(Path(__file__).parent))
 from outside_counts import assert_counted_from_outside

@@ -20,7 +20,7 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
 from fluorosam_rt.cli import main as cli_main
-from fluorosam_rt.node_config import NodeConfigError, load_settings
+from fluorosam_rt.service.node_config import NodeConfigError, load_settings
 from fluorosam_rt.sources import SourceError, create_source
 from fluorosam_rt.sources.dicom_scp import DicomStorageSource, server_tls_context
 

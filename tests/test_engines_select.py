@@ -207,7 +207,7 @@ def test_chain_switches_after_failures_in_a_row_only(model):
 
 
 def test_node_settings_check_engine_names_against_the_engine_list():
-    from fluorosam_rt.node_config import NodeConfigError, load_settings
+    from fluorosam_rt.service.node_config import NodeConfigError, load_settings
 
     for model in ({"engine": "tensorflow"}, {"fallback_engines": ["torch", "tensorflow"]}):
         with pytest.raises(NodeConfigError, match=r"tensorflow.*choose from auto, trt"):

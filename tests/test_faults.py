@@ -28,8 +28,8 @@ import pytest
 
 from bridge import Subscriber, SubscriberTimeout
 from engines.chain import Loaded
-from fluorosam_rt.node_config import load_settings
-from fluorosam_rt.serve import build_app
+from fluorosam_rt.service.node_config import load_settings
+from fluorosam_rt.service.serve import build_app
 from fluorosam_rt.sources import SourceError
 from fluorosam_rt.sources.dicom_scp import DicomStorageSource
 from fluorosam_rt.sources.replay import ReplaySource
@@ -585,7 +585,7 @@ STUCK_STOP_S = 60  # how long the stuck stop below would hang
 def test_second_signal_forces_exit(tmp_path, checkpoint):
     """A stop that hangs (a stuck device driver, say) is cut short by a second signal."""
     prelude = (
-        "import fluorosam_rt.node as _n\n"
+        "import fluorosam_rt.service.node as _n\n"
         "_orig = _n.Node.stop\n"
         "def _stuck(self, *a, **k):\n"
         f"    print('stopping', flush=True); time.sleep({STUCK_STOP_S}); return _orig(self, *a, **k)\n"

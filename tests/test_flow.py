@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from bridge import SubscriberTimeout
-from fluorosam_rt.control import CommandError, parse_request, send_command
-from fluorosam_rt.flow import (
+from fluorosam_rt.service.control import CommandError, parse_request, send_command
+from fluorosam_rt.service.flow import (
     MISSING,
     SEGMENTS,
     STAGES,

@@ -40,10 +40,10 @@ from bridge.protocol import (
     decode_message,
     encode_message,
 )
-from fluorosam_rt.control import COMMANDS, MAX_REQUEST_BYTES, CommandError, parse_request
 from fluorosam_rt.imageio import ImageReadError
 from fluorosam_rt.preprocess import Preprocessor
 from fluorosam_rt.prompts import Prompt
+from fluorosam_rt.service.control import COMMANDS, MAX_REQUEST_BYTES, CommandError, parse_request
 from fluorosam_rt.sources import SourceError
 from fluorosam_rt.sources.dicom_frames import dataset_frames, dicom_file_frames
 from fluorosam_rt.sources.replay import ReplaySource

@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 
 from bridge import Subscriber, SubscriberTimeout
-from fluorosam_rt.control import send_command
 from fluorosam_rt.imageio import read_dicom_frames
-from fluorosam_rt.node_config import NodeConfigError, load_settings, parse_source_spec
 from fluorosam_rt.predictor import Predictor
-from fluorosam_rt.serve import build_app
+from fluorosam_rt.service.control import send_command
+from fluorosam_rt.service.node_config import NodeConfigError, load_settings, parse_source_spec
+from fluorosam_rt.service.serve import build_app
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))

@@ -28,8 +28,8 @@ import zmq
 
 from bridge import Subscriber
 from bridge.geometry import ijk_to_ras
-from fluorosam_rt.node_config import load_settings
-from fluorosam_rt.serve import build_app
+from fluorosam_rt.service.node_config import load_settings
+from fluorosam_rt.service.serve import build_app
 
 sys.path.insert(0, str(Path(__file__).parent))
 import protocol_v1
@@ -162,7 +162,7 @@ def install_oracle(app) -> None:
 def test_demo_sweep_k_wire_tip_reaches_view_and_igtl_and_moves(tmp_path, bundle1024):
     pyigtl = pytest.importorskip("pyigtl")
     from bridge.igtl_relay import AXIS_PREFIX, TIP_PREFIX, IgtlRelay, device_name
-    from fluorosam_rt.node_cli import cmd_view
+    from fluorosam_rt.service.node_cli import cmd_view
 
     frames = [2, 10, 18, 26, 34]
     rec = tmp_path / "sweep"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pydicom
 
-from fluorosam_rt.node import _loggable
+from fluorosam_rt.service.node import _loggable
 from fluorosam_rt.sources.base import PATIENT_KEYS
 from fluorosam_rt.sources.dicom_frames import dataset_meta
 

@@ -13,7 +13,6 @@ import pytest
 
 from fluorosam_rt.bundle import ASSETS_DIR
 from fluorosam_rt.cli import main as cli_main
-from fluorosam_rt.control import send_command
 from fluorosam_rt.phrasings import SOURCES, expand_vocabulary
 from fluorosam_rt.prompt_hints import (
     ENV_VAR,
@@ -24,6 +23,7 @@ from fluorosam_rt.prompt_hints import (
     load_vocabulary,
     table_filename,
 )
+from fluorosam_rt.service.control import send_command
 from fluorosam_rt.text.base import normalize_prompt
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -18,9 +18,9 @@ import zmq
 
 from bridge.protocol import decode_message
 from fluorosam_rt.cli import main as cli_main
-from fluorosam_rt.node_config import NodeConfigError, load_settings
-from fluorosam_rt.security import load_keys, load_public_key, make_client
-from fluorosam_rt.serve import build_app
+from fluorosam_rt.service.node_config import NodeConfigError, load_settings
+from fluorosam_rt.service.security import load_keys, load_public_key, make_client
+from fluorosam_rt.service.serve import build_app
 from fluorosam_rt.sources import create_source
 from fluorosam_rt.sources.dicom_scp import DicomStorageSource
 

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..flow import describe_ms
 from ..model.sam import FluoroSAM
 from ..preprocess import preprocessor_for
+from ..service.flow import describe_ms
 from ..text.base import TextEncoder
 
 T = TypeVar("T")

@@ -314,12 +314,12 @@ class NodeProcess:
     final: dict[str, Any] = field(default_factory=dict)
 
     def status(self) -> dict[str, Any]:
-        from ..control import send_command
+        from ..service.control import send_command
 
         return send_command(self.control, {"cmd": "status"}, timeout=30)["status"]
 
     def stop(self) -> dict[str, Any]:
-        from ..control import send_command
+        from ..service.control import send_command
 
         try:
             send_command(self.control, {"cmd": "shutdown"}, timeout=10)

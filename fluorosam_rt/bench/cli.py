@@ -78,15 +78,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     opts = options_from_args(args)
     if any(k < 1 for k in opts.prompts) or any(r < 0 for r in opts.rates):
-        from ..node_config import NodeConfigError
+        from ..service.node_config import NodeConfigError
 
         raise NodeConfigError("--prompts must be >= 1 and --rates >= 0 (0: unthrottled)")
     if opts.faults and (opts.soak_minutes or opts.faults_rounds < 1 or opts.faults_phase_s <= 0):
-        from ..node_config import NodeConfigError
+        from ..service.node_config import NodeConfigError
 
         raise NodeConfigError("--faults needs --faults-rounds >= 1 and --faults-phase-s > 0, and no --soak")
     if opts.compare_checkpoint and (opts.faults or opts.soak_minutes):
-        from ..node_config import NodeConfigError
+        from ..service.node_config import NodeConfigError
 
         raise NodeConfigError("--compare-checkpoint compares sweeps; it does not apply to --soak or --faults")
     cmp = opts.compare_checkpoint

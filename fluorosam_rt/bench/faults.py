@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from ..flow import STAGES, describe_ms
+from ..service.flow import STAGES, describe_ms
 from .fault_subscriber import CONTROL_KIND, KINDS
 from .harness import (
     PROMPT_TEXTS,

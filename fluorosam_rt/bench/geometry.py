@@ -36,9 +36,9 @@ import cv2
 import numpy as np
 import torch
 
-from ..flow import describe_ms
 from ..geometry_stage import SUBSTAGES, GeometryOptions, GeometryStage, support_rois
 from ..linear_tools import default_linear_tools
+from ..service.flow import describe_ms
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "assets" / "demo"
 SWEEP_PROMPTS = ("left lung", "right lung", "heart")
@@ -193,8 +193,8 @@ class _Timed:
 
 
 def _node(bundle: Any, smoothing: float, texts: Sequence[str], predictor: Any = None) -> Any:
-    from ..node import Node
     from ..prompts import Prompt
+    from ..service.node import Node
 
     p = predictor or bundle.predictor()
     node = Node(
@@ -347,7 +347,7 @@ def transport(k: int = 10, size: int = 1024, n: int = 40, encoding: str = "u8") 
     """Bytes and publish -> decoded time for full and geometry-only messages of K prompts."""
     from bridge.protocol import MaskMessage, PromptResult
 
-    from ..publish import MaskPublisher
+    from ..service.publish import MaskPublisher
 
     names, low = synthetic_anatomy(k, 256)
     masks, rois = upsample(low, (size, size), 256)

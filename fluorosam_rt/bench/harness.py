@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from ..flow import MISSING, SEGMENTS, STAGES, describe_ms
+from ..service.flow import MISSING, SEGMENTS, STAGES, describe_ms
 from .procs import load_average
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -353,7 +353,7 @@ def start_group(
 
 def stop_group(g: Group) -> tuple[dict[str, Any], np.ndarray, dict[str, Any]]:
     """Shut the node down over control, then the subscriber; (node final, sub rows, sub counters)."""
-    from ..control import send_command
+    from ..service.control import send_command
 
     final: dict[str, Any] = {}
     try:
@@ -384,7 +384,7 @@ def stop_group(g: Group) -> tuple[dict[str, Any], np.ndarray, dict[str, Any]]:
 
 def fetch_flow(control: str, since: int) -> tuple[int, list[int], list[list[int | None]]]:
     """All ring rows from record ``since`` on (paged), and the next record index."""
-    from ..control import send_command
+    from ..service.control import send_command
 
     ids: list[int] = []
     ns: list[list[int | None]] = []
@@ -418,13 +418,13 @@ class FlowLog:
 
 
 def stats(control: str) -> dict[str, Any]:
-    from ..control import send_command
+    from ..service.control import send_command
 
     return send_command(control, {"cmd": "stats"}, timeout=30)["stats"]
 
 
 def set_prompts(control: str, texts: Sequence[str]) -> None:
-    from ..control import send_command
+    from ..service.control import send_command
 
     reply = send_command(control, {"cmd": "set", "prompts": list(texts)}, timeout=60)
     if not reply.get("ok"):

@@ -65,7 +65,7 @@ def run_group(
     windows = []
     flow = FlowLog(g.control)
     try:
-        from ..control import send_command
+        from ..service.control import send_command
 
         status = send_command(g.control, {"cmd": "status"}, timeout=30)["status"]
         actual = status["engine"].get("engine", engine)

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from ..flow import describe_ms
+from ..service.flow import describe_ms
 from .harness import (
     PROMPT_TEXTS,
     BenchError,

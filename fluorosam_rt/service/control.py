@@ -26,8 +26,8 @@ from typing import Any
 
 import zmq
 
-from .prompt_hints import PromptHints
-from .prompts import Prompt, PromptError
+from ..prompt_hints import PromptHints
+from ..prompts import Prompt, PromptError
 from .security import CurveKeys, make_server
 
 log = logging.getLogger(__name__)

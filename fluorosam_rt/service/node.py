@@ -39,12 +39,12 @@ from bridge.prompt_geometry import PromptGeometry, Scene
 from bridge.protocol import MaskMessage, PromptResult, mask_shape
 from engines.chain import EngineChain, EngineRunError, NonFiniteOutput
 
+from ..geometry_stage import GeometryStage, frame_spacing, support_rois
+from ..overlay import to_display_u8
+from ..predictor import Predictor
+from ..prompts import Prompt
+from ..sources.base import PATIENT_KEYS, Frame, Source
 from .flow import FlowRing
-from .geometry_stage import GeometryStage, frame_spacing, support_rois
-from .overlay import to_display_u8
-from .predictor import Predictor
-from .prompts import Prompt
-from .sources.base import PATIENT_KEYS, Frame, Source
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +163,8 @@ class Node:
         model_name: str = "",
         geometry: GeometryStage | None = None,
     ) -> None:
-        from .active_prompts import ActivePrompts
-        from .linear_tools import default_linear_tools
+        from ..active_prompts import ActivePrompts
+        from ..linear_tools import default_linear_tools
 
         self.predictor = predictor
         self.source = source

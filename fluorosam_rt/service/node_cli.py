@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .bundle import ASSETS_DIR
+from ..bundle import ASSETS_DIR
 
 DEMO_CLIP = ASSETS_DIR / "demo" / "chest_sweep.mp4"
 DEMO_PROMPTS = ("left lung", "right lung", "heart")
@@ -188,7 +188,7 @@ def cmd_prompts(args: argparse.Namespace) -> int:
         err = reply.get("error", {})
         print(f"fluorosam-rt prompts: error: {err.get('message')} ({err.get('code')})", file=sys.stderr)
         return 1
-    from .prompt_hints import Hint
+    from ..prompt_hints import Hint
 
     for h in reply.get("hints") or []:  # advice on stderr; stdout stays the prompt list
         if h.get("far"):
@@ -210,7 +210,7 @@ def _save_frame(out: Path, msg: Any, overlay: bool) -> None:
     import cv2
     import numpy as np
 
-    from .overlay import draw_geometry, render_overlay, slugify
+    from ..overlay import draw_geometry, render_overlay, slugify
 
     stem = f"{msg.frame_id:06d}"
     used: set[str] = set()
@@ -303,7 +303,7 @@ def cmd_view(args: argparse.Namespace) -> int:
 
 
 def _demo_inputs(args: argparse.Namespace) -> tuple[str | None, Path]:
-    from .bundle import DEFAULT_MODEL_PATH
+    from ..bundle import DEFAULT_MODEL_PATH
 
     if args.checkpoint is None and not DEFAULT_MODEL_PATH.is_file():
         raise _usage(
@@ -412,7 +412,7 @@ def _write_animation(out: Path, msgs: list[Any]) -> None:
     import cv2
     from PIL import Image
 
-    from .overlay import render_overlay
+    from ..overlay import render_overlay
 
     images = [
         render_overlay(m.image, [p.mask for p in m.prompts], [f"{p.text} {p.score:.2f}" for p in m.prompts])
@@ -512,7 +512,7 @@ def add_node_commands(sub: Any) -> None:
     keys.add_argument("--name", default="node", help="key name (node, or one per client)")
     keys.set_defaults(func=cmd_keys)
 
-    from .bench.cli import add_bench_parser
+    from ..bench.cli import add_bench_parser
 
     add_bench_parser(sub)
 

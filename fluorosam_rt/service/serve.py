@@ -14,16 +14,16 @@ import zmq
 
 from engines.select import create_engine
 
-from .bundle import ModelBundle, load_bundle
+from ..bundle import ModelBundle, load_bundle
+from ..geometry_stage import GeometryOptions, GeometryStage
+from ..linear_tools import LinearTools, default_linear_tools
+from ..prompts import Prompt
+from ..sources import create_source
 from .control import ControlServer
-from .geometry_stage import GeometryOptions, GeometryStage
-from .linear_tools import LinearTools, default_linear_tools
 from .node import Node
 from .node_config import GeometrySettings, NodeSettings
-from .prompts import Prompt
 from .publish import MaskPublisher
 from .security import CurveGate, load_keys
-from .sources import create_source
 
 
 def make_geometry_stage(g: GeometrySettings) -> GeometryStage:

@@ -51,7 +51,7 @@ def conformance_markdown() -> str:
     import pydicom.charset
     import pynetdicom
 
-    from ..node_config import DicomSettings, DicomTlsSettings
+    from ..service.node_config import DicomSettings, DicomTlsSettings
 
     d = DicomSettings()
     scp = DicomStorageSource()  # not started: only its built-in defaults are read
