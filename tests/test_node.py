@@ -416,7 +416,12 @@ def test_serve_video_file_and_view_save_masks(tmp_path, checkpoint):
     assert json.loads(lines[0])["event"] == "ready"
     final = json.loads(lines[-1])
     assert final["event"] == "stopped"
-    assert final["received"] == 30
+    # Every one of the 30 video frames entered the node, or the source skipped it as a grabber does
+    # when it falls behind (counted "late"; on a loaded machine a frame or two can be).
+    assert final["received"] == final["source_emitted"]
+    assert final["source_emitted"] + sum(final["source_rejected"].values()) == 30
+    assert set(final["source_rejected"]) <= {"late"}
+    assert final["received"] >= 25
     assert_accounting(final)
     headers = sorted(out.glob("*.json"))
     assert len(headers) == 3

@@ -147,8 +147,11 @@ def _serve(args: argparse.Namespace) -> int:
         if metrics is not None:
             metrics.stop()
         final = app.stop()
-    # The source's own count, outside the node's books: tests compare it with "received".
-    print(json.dumps({"event": "stopped", **final, "source_emitted": app.node.source.emitted}), flush=True)
+    # The source's own counts, outside the node's books: what it emitted (tests compare it with
+    # "received") and the inputs it skipped before they became frames, by reason (a grabber's "late").
+    src = app.node.source
+    counts = {"source_emitted": src.emitted, "source_rejected": dict(src.rejected)}
+    print(json.dumps({"event": "stopped", **final, **counts}), flush=True)
     return 0
 
 

@@ -87,14 +87,20 @@ def build_app(settings: NodeSettings, bundle: ModelBundle | None = None) -> Node
     m = settings.model
     if m.threads:
         torch.set_num_threads(m.threads)
-    bundle = bundle or load_bundle(m.checkpoint, fmt=m.format)
-    predictor = bundle.predictor(
-        create_engine(m.engine_settings(), bundle.model),
-        presence_threshold=m.presence_threshold,
-        mask_threshold=m.mask_threshold,
-        device=m.device,
-    )
+    # The source first: a bad source setting (a missing TLS file, a port in use) is reported at
+    # once, before the model loads, and as the only thing the command prints.
     source = create_source(settings.source)
+    try:
+        bundle = bundle or load_bundle(m.checkpoint, fmt=m.format)
+        predictor = bundle.predictor(
+            create_engine(m.engine_settings(), bundle.model),
+            presence_threshold=m.presence_threshold,
+            mask_threshold=m.mask_threshold,
+            device=m.device,
+        )
+    except BaseException:
+        source.stop()
+        raise
     sec = settings.security
     context, gate, curve = None, None, None
     if sec.curve_secret_key:
@@ -138,6 +144,7 @@ def build_app(settings: NodeSettings, bundle: ModelBundle | None = None) -> Node
         )
     except BaseException:
         publisher.close()
+        source.stop()
         if gate is not None:
             gate.stop()
         raise
