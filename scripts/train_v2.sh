@@ -45,12 +45,10 @@ case "${1:-start}" in
     if [ -f "$run/ledger.csv" ]; then
       .venv/bin/python - "$run" <<'PY'
 import sys
-from train.fit import read_ledger
-rows = read_ledger(sys.argv[1])
-steps = sum(int(r["end_step"]) - int(r["start_step"]) for r in rows)
-wall = sum(float(r["wall_s"]) for r in rows) / 3600
-cpu = sum(float(r["cpu_s"]) for r in rows) / 3600
-print(f"[train_v2] ledger: {len(rows)} segments, {steps} steps, {wall:.2f} wall-h, {cpu:.2f} CPU-h")
+from train.fit import ledger_totals, read_ledger
+t = ledger_totals(read_ledger(sys.argv[1]))
+extra = f" ({t['segments_without_cpu']} segments without a CPU figure)" if t["segments_without_cpu"] else ""
+print(f"[train_v2] ledger: {t['segments']} segments, {t['steps']} steps, {t['wall_h']:.2f} wall-h, {t['cpu_h']:.2f} CPU-h{extra}")
 PY
     fi
     ;;

@@ -264,3 +264,78 @@ def test_export_from_last_pt_equals_what_fit_writes(toy: Path, tmp_path: Path) -
     with pytest.raises(SystemExit, match="in the run folder"):
         main(["export", "--run", str(run), "--out", str(run / "model.safetensors")])
     assert {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in run.rglob("*")} == before
+
+
+def test_sigkill_leaves_a_ledger_row_up_to_the_last_checkpoint(toy: Path, tmp_path: Path) -> None:
+    """A run killed without a signal handler running (SIGKILL, a machine taken back) still has its
+    segment in the ledger: fit records the row at every checkpoint, and it ends where last.pt does,
+    which is where ``--resume auto`` continues."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from train.fit import ledger_totals, read_ledger
+
+    cfg = yaml.safe_load(CONFIG.read_text())
+    cfg.update(max_steps=100000, ckpt_every=2, log_every=1, text_cache=str(tmp_path / "tf.pt"))
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "train.cli", "fit", "--config", str(cfg_path), "--data", str(toy)]
+    cmd += ["--out", str(out), "--resume", "auto", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = out / "log.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 6):
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    step = int(torch.load(out / "last.pt", weights_only=False)["step"])
+    rows = read_ledger(out)
+    assert len(rows) == 1
+    assert rows[0]["ended_by"] == "checkpoint"
+    assert (int(rows[0]["start_step"]), int(rows[0]["end_step"])) == (0, step)
+    assert step >= 2
+    assert float(rows[0]["cpu_s"]) > 0
+
+    again = subprocess.run(
+        [*cmd, "--max-steps", str(step + 1)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    rows = read_ledger(out)
+    assert [(r["start_step"], r["end_step"], r["ended_by"]) for r in rows[1:]] == [
+        (str(step), str(step + 1), "max_steps")
+    ]
+    assert ledger_totals(rows)["steps"] == step + 1
+
+
+def test_ledger_rows_are_replaced_per_segment_and_totals_count_unknown_cpu(tmp_path: Path) -> None:
+    from train.fit import ledger_totals, read_ledger, record_segment
+
+    seg = {"start_utc": "2026-01-01T00:00:00Z", "start_step": 0, "wall_s": 10, "cpu_s": 5}
+    record_segment(tmp_path, {**seg, "end_step": 100, "ended_by": "checkpoint"})
+    record_segment(tmp_path, {**seg, "end_step": 200, "ended_by": "checkpoint", "wall_s": 20})
+    record_segment(
+        tmp_path,
+        {
+            **seg,
+            "start_utc": "2026-01-02T00:00:00Z",
+            "start_step": 200,
+            "end_step": 250,
+            "wall_s": 3600,
+            "cpu_s": "",
+        },
+    )
+    rows = read_ledger(tmp_path)
+    assert [(r["start_step"], r["end_step"]) for r in rows] == [("0", "200"), ("200", "250")]
+    t = ledger_totals(rows)
+    assert t["steps"] == 250
+    assert t["segments_without_cpu"] == 1
+    assert t["wall_h"] == pytest.approx(3620 / 3600, abs=1e-3)
+    assert t["cpu_h"] == pytest.approx(5 / 3600, abs=1e-3)

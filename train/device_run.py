@@ -212,7 +212,7 @@ def fold(results: Path, run: Path, pack_manifest: Path | None, force: bool = Fal
     """Install a device segment into ``run``: last.pt from its parts, model, ledger row and log rows."""
     import torch
 
-    from train.fit import LEDGER_FIELDS, append_ledger
+    from train.fit import LEDGER_FIELDS, record_segment
 
     if _pid_alive(run / "train.pid"):
         raise RuntimeError(f"{run} is training (train.pid alive): stop it first (scripts/train_v2.sh stop)")
@@ -234,7 +234,7 @@ def fold(results: Path, run: Path, pack_manifest: Path | None, force: bool = Fal
         tmp.write_bytes((results / "model.safetensors").read_bytes())
         tmp.replace(run / "model.safetensors")
     if rep.get("ledger_row"):
-        append_ledger(run, {k: rep["ledger_row"].get(k, "") for k in LEDGER_FIELDS})
+        record_segment(run, {k: rep["ledger_row"].get(k, "") for k in LEDGER_FIELDS})
     added = 0
     if (results / "log.csv").exists() and (run / "log.csv").exists():
         with open(results / "log.csv", newline="") as f, open(run / "log.csv", "a", newline="") as g:

@@ -463,19 +463,31 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def append_ledger(out: Path, row: dict[str, Any]) -> None:
-    """One row per training segment: where it ran, the steps it added, its wall and CPU seconds.
+def record_segment(out: Path, row: dict[str, Any]) -> None:
+    """Write one training segment's ledger row: where it ran, the steps it added, wall and CPU seconds.
 
-    CPU seconds are this process's (all threads) from ``time.process_time``, times the world size under
-    DDP (every rank does the same work); the model card sums the ledger into CPU-hours.
+    A segment is keyed by (start_utc, start_step): a second call for the same segment replaces its
+    row. fit records the row at every periodic checkpoint (``ended_by`` "checkpoint") and again when
+    the segment ends, so a run killed without a chance to clean up (SIGKILL, a machine taken back)
+    still leaves a row that reaches its last checkpoint, which is exactly where ``--resume`` goes on.
+    CPU seconds are this process's (all threads) from ``time.process_time``, times the world size
+    under DDP (every rank does the same work). The file is replaced atomically.
     """
-    path = out / "ledger.csv"
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=LEDGER_FIELDS)
-        if new:
-            w.writeheader()
-        w.writerow({k: row.get(k, "") for k in LEDGER_FIELDS})
+    rows = read_ledger(out)
+    row = {k: str(row.get(k, "")) for k in LEDGER_FIELDS}
+    key = (row["start_utc"], row["start_step"])
+    for i, r in enumerate(rows):
+        if (r.get("start_utc"), r.get("start_step")) == key:
+            rows[i] = row
+            break
+    else:
+        rows.append(row)
+    tmp = out / ".ledger.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=LEDGER_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(out / "ledger.csv")
 
 
 def read_ledger(out: str | Path) -> list[dict[str, str]]:
@@ -484,6 +496,23 @@ def read_ledger(out: str | Path) -> list[dict[str, str]]:
         return []
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def ledger_totals(rows: list[dict[str, str]]) -> dict[str, Any]:
+    """Segments, steps, wall hours and CPU hours of a ledger; rows without a CPU figure are counted apart.
+
+    A row may lack CPU seconds when it was rebuilt after the fact from log.csv and last.pt (a
+    segment killed before fit recorded rows at checkpoints): its wall time is known, its CPU time
+    is not, and the total says how many segments it leaves out rather than guessing.
+    """
+    cpu = [float(r["cpu_s"]) for r in rows if r.get("cpu_s")]
+    return {
+        "segments": len(rows),
+        "steps": sum(int(r["end_step"]) - int(r["start_step"]) for r in rows),
+        "wall_h": round(sum(float(r["wall_s"]) for r in rows) / 3600, 3),
+        "cpu_h": round(sum(cpu) / 3600, 3),
+        "segments_without_cpu": len(rows) - len(cpu),
+    }
 
 
 def resolve_resume(resume: str | None, out: str | Path) -> str | None:
@@ -757,11 +786,31 @@ class RunLog:
             self.writer.close()
 
 
-def checkpoint(run: Run, step: int, elapsed_s: float) -> None:
-    """The run folder's last.pt: what ``--resume`` continues from (weights, optimizer, step, seconds)."""
+def segment_row(run: Run, step: int, ended_by: str) -> dict[str, Any]:
+    """This segment's ledger row as of ``step`` (see ``record_segment``)."""
+    d = run.d
+    return {
+        "start_utc": run.start_utc,
+        "end_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "host": socket.gethostname(),
+        "cpu": _cpu_name(),
+        "device": torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "world": d.world,
+        "start_step": run.start_step,
+        "end_step": step,
+        "wall_s": round(time.time() - run.t0, 1),
+        "cpu_s": round((time.process_time() - run.cpu0) * d.world, 1),
+        "ended_by": ended_by,
+    }
+
+
+def checkpoint(run: Run, step: int, elapsed_s: float, ended_by: str = "checkpoint") -> None:
+    """The run folder's last.pt (what ``--resume`` continues from), then this segment's ledger row."""
     save_checkpoint(
         run.out / "last.pt", run.model, run.opt, run.scaler, step, run.cfg, {"elapsed_s": elapsed_s}
     )
+    record_segment(run.out, segment_row(run, step, ended_by))
 
 
 def run_loop(run: Run, log: RunLog | None) -> tuple[int, dict[str, float], str]:
@@ -851,30 +900,8 @@ def finish_run(
     if d.main:
         assert log is not None
         log.bar.close()
-        checkpoint(run, step, total)
-        append_ledger(
-            out,
-            {
-                "start_utc": run.start_utc,
-                "end_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "host": socket.gethostname(),
-                "cpu": _cpu_name(),
-                "device": torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "cpu",
-                "threads": torch.get_num_threads(),
-                "world": d.world,
-                "start_step": run.start_step,
-                "end_step": step,
-                "wall_s": round(time.time() - run.t0, 1),
-                "cpu_s": round((time.process_time() - run.cpu0) * d.world, 1),
-                "ended_by": ended_by,
-            },
-        )
-        rows = read_ledger(out)
-        summary["ledger"] = {
-            "segments": len(rows),
-            "wall_h": round(sum(float(r["wall_s"]) for r in rows) / 3600, 3),
-            "cpu_h": round(sum(float(r["cpu_s"]) for r in rows) / 3600, 3),
-        }
+        checkpoint(run, step, total, ended_by)
+        summary["ledger"] = ledger_totals(read_ledger(out))
         codebook_texts = export_model(
             run.model, cfg, run.bank, run.ds, run.text_spec, step, total, out / "model.safetensors"
         )
