@@ -373,3 +373,25 @@ def test_bad_input_gets_a_clear_error():
         apply_variation(vol, VariationParams(joints=(JointPose("tail", (0, 0, 0), (1, 0, 0), 10.0),)))
     with pytest.raises(ValueError, match="scale"):
         apply_variation(vol, VariationParams(scale=(1.0, 0.0, 1.0)))
+
+
+def test_varied_cases_are_not_retained_by_the_region_caches():
+    """Every case is a new varied volume; once a worker moves on, the old ones must be freed.
+    An unbounded anatomy cache once kept every case alive (+100-150 MB per case in a worker)."""
+    import gc
+    import weakref
+
+    from train.synth.views import body_regions
+    from train.synth.vocabulary import Vocabulary
+
+    vocab = Vocabulary.load()
+    base = ball_and_slab()
+    refs = []
+    for seed in range(6):
+        vol = apply_variation(base, sample_variation(np.random.default_rng(seed), base))
+        body_regions(vol, vocab)
+        refs.append(weakref.ref(vol))
+        del vol
+    gc.collect()
+    alive = [r() is not None for r in refs]
+    assert not any(alive[:-2]), alive  # at most the two most recent cases are cached

@@ -10,7 +10,7 @@ ask for the same landmarks for every image.
 
 from __future__ import annotations
 
-import weakref
+from collections import OrderedDict
 from functools import cached_property
 
 import numpy as np
@@ -420,16 +420,24 @@ class Anatomy:
         return out
 
 
-_CACHE: dict[int, tuple[weakref.ref, int, Anatomy]] = {}
+_CACHE: OrderedDict[int, Anatomy] = OrderedDict()
+_CACHE_SIZE = 2  # a worker renders one case at a time; the previous one may still be asked about
 
 
 def anatomy_of(vol: PreparedVolume, vocab: Vocabulary) -> Anatomy:
-    """The cached ``Anatomy`` of a volume (rebuilt when a different vocabulary object is passed)."""
+    """The cached ``Anatomy`` of a volume (rebuilt when a different vocabulary object is passed).
+
+    Bounded, most recent first: every varied case is a new volume, and an ``Anatomy`` holds its
+    volume, so an unbounded cache (even one with weak references, which the Anatomy's own strong
+    reference keeps alive) retained every case a worker ever drew: +100-150 MB per case.
+    """
     hit = _CACHE.get(id(vol))
-    if hit is not None and hit[0]() is vol and hit[1] == id(vocab):
-        return hit[2]
+    if hit is not None and hit.vol is vol and hit.vocab is vocab:
+        _CACHE.move_to_end(id(vol))
+        return hit
     anat = Anatomy(vol, vocab)
-    key = id(vol)
-    # The callback holds the dict itself: at interpreter exit the module global may already be None.
-    _CACHE[key] = (weakref.ref(vol, lambda _r, cache=_CACHE: cache.pop(key, None)), id(vocab), anat)
+    _CACHE[id(vol)] = anat
+    _CACHE.move_to_end(id(vol))
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
     return anat
