@@ -90,6 +90,7 @@ class FitConfig:
     sampling: PromptSamplingConfig = field(default_factory=PromptSamplingConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    source: str = ""  # the YAML file(s) it was loaded from, base first (set by load; in the ledger)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FitConfig:
@@ -116,10 +117,31 @@ class FitConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> FitConfig:
-        import yaml
+        """A YAML config. ``base: OTHER.yaml`` (beside it) starts from that file's values; its own keys
+        override them, section by section for ``sampling``, ``augment`` and ``loss``. A later stage of a
+        run names its base and only what changes, so the recipe reads as stages, not copies."""
+        d, sources = _load_yaml_chain(Path(path))
+        d["source"] = " + ".join(sources)
+        return cls.from_dict(d)
 
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(yaml.safe_load(f) or {})
+
+def _load_yaml_chain(path: Path, depth: int = 0) -> tuple[dict[str, Any], list[str]]:
+    import yaml
+
+    if depth > 8:
+        raise ValueError(f"training config {path}: 'base' chain deeper than 8 (a cycle?)")
+    with open(path, encoding="utf-8") as f:
+        d = yaml.safe_load(f) or {}
+    base = d.pop("base", None)
+    if base is None:
+        return d, [str(path)]
+    merged, sources = _load_yaml_chain(path.parent / base, depth + 1)
+    for k, v in d.items():
+        if k in ("sampling", "augment", "loss") and isinstance(v, dict):
+            merged[k] = {**(merged.get(k) or {}), **v}
+        else:
+            merged[k] = v
+    return merged, [*sources, str(path)]
 
 
 # -- distributed ------------------------------------------------------------------------------------
@@ -450,6 +472,7 @@ LEDGER_FIELDS = [
     "wall_s",
     "cpu_s",
     "ended_by",
+    "config",
 ]
 
 
@@ -596,6 +619,8 @@ def build_run(cfg: FitConfig, resume: str | None) -> Run:
         state = torch.load(resume, map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
         start_step = int(state["step"])
+        if d.main and state.get("segment") and Path(resume).resolve().parent == out.resolve():
+            record_segment(out, state["segment"])  # the ledger may lag the checkpoint by one write
     elif cfg.vq == "train" and cfg.vq_init:
         init_codebook(model, canonical, cfg.seed)
     if cfg.vq not in ("snap", "train"):
@@ -802,15 +827,28 @@ def segment_row(run: Run, step: int, ended_by: str) -> dict[str, Any]:
         "wall_s": round(time.time() - run.t0, 1),
         "cpu_s": round((time.process_time() - run.cpu0) * d.world, 1),
         "ended_by": ended_by,
+        "config": run.cfg.source,
     }
 
 
 def checkpoint(run: Run, step: int, elapsed_s: float, ended_by: str = "checkpoint") -> None:
-    """The run folder's last.pt (what ``--resume`` continues from), then this segment's ledger row."""
+    """The run folder's last.pt (what ``--resume`` continues from), then this segment's ledger row.
+
+    The row also travels inside last.pt, written with it atomically: a kill between the two writes
+    leaves the ledger one checkpoint behind, and the next resume records the row from the checkpoint
+    (``build_run``), so ledger and checkpoint always end up agreeing.
+    """
+    row = segment_row(run, step, ended_by)
     save_checkpoint(
-        run.out / "last.pt", run.model, run.opt, run.scaler, step, run.cfg, {"elapsed_s": elapsed_s}
+        run.out / "last.pt",
+        run.model,
+        run.opt,
+        run.scaler,
+        step,
+        run.cfg,
+        {"elapsed_s": elapsed_s, "segment": row},
     )
-    record_segment(run.out, segment_row(run, step, ended_by))
+    record_segment(run.out, row)
 
 
 def run_loop(run: Run, log: RunLog | None) -> tuple[int, dict[str, float], str]:
