@@ -35,6 +35,7 @@ class EngineOptions:
 
     precision: str | None = None  # fp32 | fp16 | bf16; default: fp16 on CUDA, fp32 on CPU
     threads: int = 0  # ONNX Runtime intra-op threads (0: ORT's choice)
+    ort_spinning: bool = False  # ONNX Runtime pools busy-wait (see engines.onnxruntime_engine)
     cache_dir: str | Path | None = None
     max_prompts: int = 16
     cuda_graphs: bool | None = None
@@ -78,7 +79,12 @@ def _build(name: str, device: str, model: FluoroSAM, opts: EngineOptions) -> Eng
     if name == "onnxruntime":
         from .onnxruntime_engine import OnnxRuntimeEngine
 
-        return OnnxRuntimeEngine(model, EngineCache(opts.cache_dir), intra_op_threads=opts.threads)
+        return OnnxRuntimeEngine(
+            model,
+            EngineCache(opts.cache_dir),
+            intra_op_threads=opts.threads,
+            allow_spinning=opts.ort_spinning,
+        )
     if name == "torch-compiled":
         from .compiled_engine import TorchCompiledEngine
 
