@@ -13,7 +13,9 @@
 #   web/         the web viewer's cost to the other subscribers (python -m fluorosam_rt.bench.web_cost)
 #   cine.json    fluorosam-rt bench-cine: XA cine at 30 fps, uncompressed vs JPEG Lossless
 #   synth.json   fluorosam-train synth-bench --generator: multi-body images/s at 256², 2 workers
+#   engine_*.json fluorosam-rt engine bench: ONNX Runtime with and without busy-waiting pools, v1 and v2
 # Each step is independent: one that fails is reported and the next one still runs.
+# STEPS="node web" (say) runs only those steps; WEB_ROUNDS sets the viewer comparison's rounds (4).
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -55,6 +57,7 @@ failed=()
 step() {
   local name="$1"
   shift
+  if [ -n "${STEPS:-}" ] && [[ " $STEPS " != *" $name "* ]]; then return 0; fi
   note "$name: $*"
   if "$@" >>"$log" 2>&1; then note "$name: done"; else note "$name: FAILED (exit $?)"; failed+=("$name"); fi
 }
@@ -63,9 +66,13 @@ step node .venv/bin/fluorosam-rt bench --engines onnxruntime --rates 15 --prompt
   --compare-checkpoint "$out/models/v2_full_work.safetensors" --out "$out/node"
 step geometry .venv/bin/fluorosam-rt bench --quick --engines onnxruntime --rates 15 --prompts 10 \
   --out "$out/geometry"
-step web "$py" -m fluorosam_rt.bench.web_cost --out "$out/web"
+step web "$py" -m fluorosam_rt.bench.web_cost --rounds "${WEB_ROUNDS:-4}" --out "$out/web"
 step cine .venv/bin/fluorosam-rt bench-cine --repeats 2 --json "$out/cine.json"
-step synth .venv/bin/fluorosam-train synth-bench --generator --bodies all --n 60 --workers 2 \
+step synth .venv/bin/fluorosam-train synth-bench --generator --bodies all --n 240 --workers 2 \
   --size 256 --seed 5 --json "$out/synth.json"
+for m in v1 v2; do
+  step engine .venv/bin/fluorosam-rt engine bench --checkpoint "$out/models/${m}_full_work.safetensors" \
+    --engines onnxruntime+spin,onnxruntime --threads 2 --prompts 3,10 --runs 40 --json "$out/engine_$m.json"
+done
 note "end; failed: ${failed[*]:-none}"
 [ "${#failed[@]}" -eq 0 ]
