@@ -30,8 +30,10 @@ def session_options(
     the pool that just finished keeps its threads busy-waiting on the cores the next session (and
     the node's postprocess, geometry and publisher threads) needs. Measured on the 2-vCPU EPYC VM,
     2 intra-op threads, encoder then decoder per frame, medians of 40: v2 K=10 encode 17.7 ->
-    7.8 ms, decode 25.0 -> 10.2 ms, CPU 87 -> 32 ms a frame; v1 K=10 decode 15.6 -> 8.7 ms.
-    ``fluorosam-rt engine bench --engines onnxruntime+spin,onnxruntime`` measures it side by side.
+    7.8 ms, decode 25.0 -> 10.2 ms, CPU 87 -> 32 ms a frame; v1 K=10 decode 15.6 -> 8.7 ms. In the
+    real node (``fluorosam-rt bench``, v2, 15 fps, runs 26 min apart on the quiet machine) K=10 p50
+    went 142 -> 55 ms and node CPU 185 -> 112 %. Two engines in one process cannot show it side by
+    side (each one's pools would spin against the other's), which is why no bench variant does.
     """
     import onnxruntime as ort
 

@@ -35,7 +35,6 @@ class EngineOptions:
 
     precision: str | None = None  # fp32 | fp16 | bf16; default: fp16 on CUDA, fp32 on CPU
     threads: int = 0  # ONNX Runtime intra-op threads (0: ORT's choice)
-    ort_spinning: bool = False  # ONNX Runtime pools busy-wait (see engines.onnxruntime_engine)
     cache_dir: str | Path | None = None
     max_prompts: int = 16
     cuda_graphs: bool | None = None

@@ -10,7 +10,6 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -70,11 +69,7 @@ def add_engine_parser(sub: argparse._SubParsersAction) -> None:
 
     be = esub.add_parser("bench", help="CPU: torch against onnxruntime, side by side in one run")
     common(be)
-    be.add_argument(
-        "--engines",
-        default="torch,onnxruntime",
-        help="comma list (first is the baseline); onnxruntime+spin: ORT pools that busy-wait",
-    )
+    be.add_argument("--engines", default="torch,onnxruntime", help="comma list (first is the baseline)")
     be.add_argument("--prompts", default="1,3,10")
     be.add_argument("--runs", type=int, default=20)
     be.add_argument("--threads", type=int, default=0, help="torch and ORT intra-op threads (0: defaults)")
@@ -135,13 +130,10 @@ def cmd_engine_bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     model, source = load_engine_model(args.checkpoint, args.model)
     opts = EngineOptions(threads=args.threads, cache_dir=args.cache_dir)
-    engines = {}
-    for n in args.engines.split(","):
-        name, _, variant = n.partition("+")
-        if variant not in ("", "spin") or (variant and name != "onnxruntime"):
-            raise SystemExit(f"engine bench: unknown engine {n!r} (the only variant is onnxruntime+spin)")
-        o = replace(opts, ort_spinning=variant == "spin")
-        engines[n] = create_engine(EngineSettings(name, strict=True, options=o), model, cuda=False)
+    engines = {
+        n: create_engine(EngineSettings(n, strict=True, options=opts), model, cuda=False)
+        for n in args.engines.split(",")
+    }
     counts = tuple(int(k) for k in args.prompts.split(","))
     print(f"model {model.cfg.name} ({source}), input {model.img_size} px", file=sys.stderr)
     res = compare_engines(engines, model.cfg.prompt_encoder.embed_dim, counts, args.runs)

@@ -13,7 +13,6 @@
 #   web/         the web viewer's cost to the other subscribers (python -m fluorosam_rt.bench.web_cost)
 #   cine.json    fluorosam-rt bench-cine: XA cine at 30 fps, uncompressed vs JPEG Lossless
 #   synth.json   fluorosam-train synth-bench --generator: multi-body images/s at 256², 2 workers
-#   engine_*.json fluorosam-rt engine bench: ONNX Runtime with and without busy-waiting pools, v1 and v2
 # Each step is independent: one that fails is reported and the next one still runs.
 # STEPS="node web" (say) runs only those steps; WEB_ROUNDS sets the viewer comparison's rounds (4).
 set -uo pipefail
@@ -70,9 +69,5 @@ step web "$py" -m fluorosam_rt.bench.web_cost --rounds "${WEB_ROUNDS:-4}" --out 
 step cine .venv/bin/fluorosam-rt bench-cine --repeats 2 --json "$out/cine.json"
 step synth .venv/bin/fluorosam-train synth-bench --generator --bodies all --n 240 --workers 2 \
   --size 256 --seed 5 --json "$out/synth.json"
-for m in v1 v2; do
-  step engine .venv/bin/fluorosam-rt engine bench --checkpoint "$out/models/${m}_full_work.safetensors" \
-    --engines onnxruntime+spin,onnxruntime --threads 2 --prompts 3,10 --runs 40 --json "$out/engine_$m.json"
-done
 note "end; failed: ${failed[*]:-none}"
 [ "${#failed[@]}" -eq 0 ]
