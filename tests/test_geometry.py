@@ -428,3 +428,87 @@ def test_not_present_prompts_and_geometry_off():
     assert g.to_wire() == {"absent": g.absent}
     g = stage(enabled=False).process([NS(id="a", text="a")], [m], [True], 1, (10, 10), {})[0]
     assert g.absent == {"geometry": "off on this node"}
+
+
+# --------------------------------------------------------------------------- the anatomy trace grid
+
+
+def _logit_like_mask(seed: int, size: int = 1024, grid: int = 8) -> np.ndarray:
+    """A mask as the node makes one: a coarse logit map resized bilinearly, thresholded."""
+    rng = np.random.default_rng(seed)
+    field = cv2.resize(rng.normal(size=(grid, grid)).astype(np.float32), (size, size), cv2.INTER_LINEAR)
+    return (field > 0.5).astype(np.uint8)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_anatomy_traced_on_the_stride_grid_matches_the_full_trace(seed):
+    """Stride 4 (the default) against every pixel, on masks shaped like the node's: total area
+    within 2 %, every instance over 2,000 px found again with its area within 6 %, bounding box
+    within 6 px and centroid within 3 px, and every published vertex within 4 px of the outline."""
+    mask = _logit_like_mask(seed)
+    full = one(stage(trace_stride=1), mask, "left lung")
+    grid = one(stage(trace_stride=4), mask, "left lung")
+    assert abs(grid.area_px - full.area_px) <= 0.02 * full.area_px
+    big = [i for i in full.instances if i.area_px > 2000]
+    assert big
+    for a in big:
+        b = min(grid.instances, key=lambda i: math.dist(i.centroid, a.centroid))
+        assert math.dist(a.centroid, b.centroid) <= 3
+        assert abs(a.area_px - b.area_px) <= 0.06 * a.area_px
+        assert np.abs(np.subtract(a.bbox, b.bbox)).max() <= 6
+    inner = cv2.erode(mask, np.ones((3, 3), np.uint8), borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    edge = cv2.distanceTransform(1 - (mask - inner), cv2.DIST_L2, 3)  # distance to a boundary pixel
+    for rings in grid.contours:
+        for ring in rings:
+            pts = np.asarray(ring).reshape(-1, 2)
+            xs, ys = np.clip(np.round(pts).astype(int), 0, 1023).T
+            assert edge[ys, xs].max() <= 4
+
+
+def test_tools_and_masks_smaller_than_the_grid_are_traced_at_full_resolution():
+    wire = wire_mask((300.0, 420.0), 0.7, 500.0, 5.0)
+    a, b = one(stage(trace_stride=1), wire), one(stage(trace_stride=4), wire)
+    assert a.instances[0].tip is not None
+    assert a.to_wire() == b.to_wire()
+    dot = np.zeros((64, 64), np.uint8)
+    dot[5, 5] = 1  # no sample of the 4-pixel grid falls on it
+    g = one(stage(trace_stride=4, min_instance_px=1), dot, "left lung")
+    assert g.area_px == 1
+    assert len(g.instances) == 1
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_grid_trace_honours_a_promised_roi(seed):
+    mask = _logit_like_mask(seed, 512)
+    ys, xs = np.nonzero(mask)
+    roi = (int(xs.min()) - 3, int(ys.min()) - 1, int(xs.max()) + 2, int(ys.max()) + 5)
+    st_ = stage(trace_stride=4)
+    p = [NS(id="l", text="left lung")]
+    with_roi = st_.process(p, [mask], [True], 1, mask.shape, {}, [roi])[0]
+    st_ = stage(trace_stride=4)
+    without = st_.process(p, [mask], [True], 1, mask.shape, {})[0]
+    assert with_roi.to_wire() == without.to_wire()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    h=st.integers(1, 40),
+    w=st.integers(1, 40),
+    stride=st.integers(2, 5),
+    roi=st.tuples(st.integers(-3, 40), st.integers(-3, 40), st.integers(0, 44), st.integers(0, 44)),
+    seed=st.integers(0, 2**16),
+)
+def test_strided_is_the_block_centres_inside_the_roi(h, w, stride, roi, seed):
+    from fluorosam_rt.geometry_stage import strided
+
+    mask = (np.random.default_rng(seed).random((h, w)) > 0.5).astype(np.uint8)
+    c = stride // 2
+    want = mask[c::stride, c::stride]
+    got, r = strided(mask, None, stride)
+    np.testing.assert_array_equal(got, want)
+    assert r is None
+    x0, y0, x1, y1 = roi
+    inside = np.zeros_like(mask)
+    inside[max(0, y0) : max(0, y1), max(0, x0) : max(0, x1)] = 1
+    got, r = strided(mask * inside, roi, stride)
+    np.testing.assert_array_equal(got, (mask * inside)[c::stride, c::stride])

@@ -126,10 +126,11 @@ def time_stage(
     image_hw: tuple[int, int],
     repeats: int,
     downsample: int = 1,
+    trace_stride: int = GeometryOptions.trace_stride,
 ) -> dict[str, Any]:
     """Per sub-stage wall ms (the stage's own clock) and the whole stage's thread CPU ms, with its
     minimum (what the stage costs on a core nobody else wants)."""
-    stage = GeometryStage(GeometryOptions(), default_linear_tools())
+    stage = GeometryStage(GeometryOptions(trace_stride=trace_stride), default_linear_tools())
     prompts = [NS(id=t, text=t) for t in texts]
     meta = {"ImagerPixelSpacing": [0.2, 0.2]}
     image = np.zeros(image_hw, np.uint16)
@@ -150,6 +151,7 @@ def time_stage(
     return {
         "prompts": len(texts),
         "downsample": downsample,
+        "trace_stride": trace_stride,
         "cpu_min_ms": float(min(cpu)),
         "frames": len(frames),
         "calls": len(cpu),
@@ -417,6 +419,8 @@ def run_geometry_bench(bundle: Any, frames: Sequence[np.ndarray], texts: Sequenc
     progress(f"geometry: cost for {len(texts)} prompts on the model's masks at {size}² ...")
     mm = model_mask_frames(bundle, frames[: 8 if quick else 16], texts)
     result["cost_model_masks"] = time_stage(texts, mm, frames[0].shape[:2], repeats)
+    progress("geometry: the same, every pixel traced (trace_stride 1, the stage before the grid) ...")
+    result["cost_model_masks_stride1"] = time_stage(texts, mm, frames[0].shape[:2], repeats, trace_stride=1)
     progress("geometry: the same, masks published at half resolution (publish.downsample 2) ...")
     mm2 = model_mask_frames(bundle, frames[: 8 if quick else 16], texts, downsample=2)
     result["cost_model_masks_d2"] = time_stage(texts, mm2, frames[0].shape[:2], repeats, downsample=2)

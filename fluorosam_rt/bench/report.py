@@ -683,6 +683,7 @@ def geometry_lines(geo: dict[str, Any]) -> list[str]:
     out = []
     for key, what in (
         ("cost_model_masks", "the model's masks"),
+        ("cost_model_masks_stride1", "the model's masks, every pixel traced"),
         ("cost_synthetic", "synthetic anatomy + K-wire"),
     ):
         c = geo.get(key)
@@ -717,6 +718,7 @@ def geometry_lines(geo: dict[str, Any]) -> list[str]:
 GEOMETRY_SUBSTAGES = ("scene", "outlines", "tools", "tracking")
 GEOMETRY_SETS = (
     ("cost_model_masks", "the model's masks, 1024²"),
+    ("cost_model_masks_stride1", "the same, every pixel traced (trace_stride 1)"),
     ("cost_model_masks_d2", "the model's masks, published at 512² (downsample 2)"),
     ("cost_synthetic", "synthetic anatomy + ribs + K-wire, 1024²"),
 )

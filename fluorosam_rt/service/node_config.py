@@ -145,6 +145,8 @@ class GeometrySettings(_Strict):
     enabled: bool = True
     contour_tolerance_px: float = Field(default=1.0, ge=0, le=50)  # Douglas-Peucker, source pixels
     min_instance_px: int = Field(default=25, ge=1)  # smaller parts are counted as specks
+    # anatomy outlined on every n-th mask pixel (geometry_stage.py says why 4); tools on every pixel
+    trace_stride: int = Field(default=4, ge=1, le=16)
     max_instances: int = Field(default=32, ge=1, le=1024)  # per prompt, largest first
     min_elongation: float = Field(default=3.0, ge=1.0)  # length/width below which a tool is a blob
     tracking: bool = True

@@ -31,6 +31,7 @@ def make_geometry_stage(g: GeometrySettings) -> GeometryStage:
         enabled=g.enabled,
         tolerance_px=g.contour_tolerance_px,
         min_instance_px=g.min_instance_px,
+        trace_stride=g.trace_stride,
         max_instances=g.max_instances,
         min_elongation=g.min_elongation,
         tracking=g.tracking,
