@@ -78,12 +78,7 @@ def _build(name: str, device: str, model: FluoroSAM, opts: EngineOptions) -> Eng
     if name == "onnxruntime":
         from .onnxruntime_engine import OnnxRuntimeEngine
 
-        return OnnxRuntimeEngine(
-            model,
-            EngineCache(opts.cache_dir),
-            intra_op_threads=opts.threads,
-            allow_spinning=opts.ort_spinning,
-        )
+        return OnnxRuntimeEngine(model, EngineCache(opts.cache_dir), intra_op_threads=opts.threads)
     if name == "torch-compiled":
         from .compiled_engine import TorchCompiledEngine
 
