@@ -49,7 +49,7 @@ for f in pack.json last.pt.xz text_features.pt bodies.tar.xz physics.npz shim/sp
          shim/xraydb/__init__.py; do
   [ -e "$carry/$f" ] || missing+=("$f")
 done
-[ -f configs/train/v2_stage1.yaml ] && [ -f configs/train/v2_gpu.yaml ] || missing+=("configs/train/v2_*.yaml")
+[ -f configs/train/v2_stage2.yaml ] && [ -f configs/train/v2_gpu.yaml ] || missing+=("configs/train/v2_*.yaml")
 if [ ${#missing[@]} -gt 0 ]; then
   echo "[gpu_train] missing in .gpu_carry: ${missing[*]} (run scripts/gpu_pack.sh here first)" >&2; exit 1
 fi
@@ -57,10 +57,10 @@ case "$(realpath -m "$work")" in "$(realpath -m "$root/runs")"*) echo "[gpu_trai
 base_step="$("$py" -c "import json,sys;print(json.load(open(sys.argv[1]))['step'])" "$carry/pack.json")"
 echo "[gpu_train] plan: device $device; resume step $base_step from .gpu_carry/last.pt.xz"
 echo "[gpu_train]   synth: up to $chunks chunks x $per_chunk images, $synth_workers workers, seeds $seed0.., no new chunk after ${synth_budget}s"
-echo "[gpu_train]   fit: configs/train/v2_stage1.yaml + v2_gpu.yaml${SET:+ + $SET}, SIGTERM after ${fit_budget}s${MAX_STEPS:+, at most $MAX_STEPS steps}"
+echo "[gpu_train]   fit: configs/train/v2_stage2.yaml + v2_gpu.yaml${SET:+ + $SET}, SIGTERM after ${fit_budget}s${MAX_STEPS:+, at most $MAX_STEPS steps}"
 echo "[gpu_train]   scratch $work, results $out"
 if [ "$dry" = 1 ]; then
-  "$py" -m train.device_run config --base configs/train/v2_stage1.yaml --override configs/train/v2_gpu.yaml \
+  "$py" -m train.device_run config --base configs/train/v2_stage2.yaml --override configs/train/v2_gpu.yaml \
     ${SET:+$(printf -- '--set %s ' $SET)} --out /dev/null
   echo "[gpu_train] dry run: inputs and config are valid"; exit 0
 fi
@@ -100,7 +100,7 @@ t_synth=$(since "$t0")
 
 # -- fit: resume, train until SIGTERM (or MAX_STEPS), checkpoint -------------------------------------
 t0=$(now)
-"$py" -m train.device_run config --base configs/train/v2_stage1.yaml --override configs/train/v2_gpu.yaml \
+"$py" -m train.device_run config --base configs/train/v2_stage2.yaml --override configs/train/v2_gpu.yaml \
   ${SET:+$(printf -- '--set %s ' $SET)} --out "$work/fit.yaml"
 max_steps=()
 [ -n "${MAX_STEPS:-}" ] && max_steps=(--max-steps $((base_step + MAX_STEPS)))

@@ -114,10 +114,12 @@ def test_packed_bodies_unpack_to_the_same_voxels(tmp_path: Path) -> None:
 
 def test_merged_config_layers_and_rejects_unknown_keys(tmp_path: Path) -> None:
     cfg = device_run.merged_config(
-        ROOT / "configs/train/v2_stage1.yaml",
+        ROOT / "configs/train/v2_stage2.yaml",
         [ROOT / "configs/train/v2_gpu.yaml"],
         ["threads=2", "sampling.p_absent=0.2"],
     )
+    assert "base" not in cfg  # the stage's base: chain is resolved, as fit --config resolves it
+    assert dict(cfg["sampling"]["kind_weights"])["tool"] == 8.0  # stage 2's, kept under the overrides
     assert cfg["global_batch"] == 32
     assert cfg["threads"] == 2
     assert cfg["encoder_init"] == ""

@@ -6,7 +6,7 @@ runs the very same code (``--device cpu``):
 * ``split``/``merge``: a checkpoint leaves the machine in parts of at most 15 MiB (the tool brings back
   files of at most 16 MiB) with the whole file's SHA-256; merging checks it, so the result is
   byte-identical.
-* ``config``: the v2 stage-1 config with the GPU overrides (``configs/train/v2_gpu.yaml``) and any
+* ``config``: the v2 run's current stage (stage 2, ``base:`` resolved) with the GPU overrides (``configs/train/v2_gpu.yaml``) and any
   ``key=value`` on top, written as one YAML (``fit`` reads one file, unknown keys are errors).
 * ``fit``: ``fluorosam-train fit`` with the text encoder replaced by the run's text-feature bank. Why:
   training only ever indexes that bank (``train.fit`` builds it once), and the MiniLM weights (88 MB)
@@ -74,13 +74,14 @@ def merge_parts(manifest: str | Path, dest: str | Path) -> str:
 
 
 def merged_config(base: str | Path, overrides: list[str | Path], sets: list[str]) -> dict[str, Any]:
-    """``base`` YAML updated by each override YAML (nested sections key by key), then ``key=value``
-    (YAML-parsed values, ``a.b=v`` for a section key); checked against ``FitConfig``."""
+    """``base`` (its ``base:`` chain resolved) updated by each override YAML (sections key by key),
+    then ``key=value`` (YAML-parsed values, ``a.b=v`` for a section key); checked against
+    ``FitConfig``. The merge is train.fit's, the one ``fit --config`` applies to a ``base:`` chain."""
     import yaml
 
-    from train.fit import FitConfig
+    from train.fit import FitConfig, load_config_dict, merge_config
 
-    cfg = yaml.safe_load(Path(base).read_text()) or {}
+    cfg, _ = load_config_dict(base)
     layers = [yaml.safe_load(Path(o).read_text()) or {} for o in overrides]
     for s in sets:
         if "=" not in s:
@@ -94,11 +95,7 @@ def merged_config(base: str | Path, overrides: list[str | Path], sets: list[str]
         node[last] = yaml.safe_load(v)
         layers.append(layer)
     for layer in layers:
-        for k, v in layer.items():
-            if isinstance(v, dict) and isinstance(cfg.get(k), dict):
-                cfg[k] = {**cfg[k], **v}
-            else:
-                cfg[k] = v
+        cfg = merge_config(cfg, layer)
     FitConfig.from_dict(dict(cfg))  # unknown keys are errors here, not on the device
     return cfg
 

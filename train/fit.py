@@ -120,14 +120,24 @@ class FitConfig:
         """A YAML config. ``base: OTHER.yaml`` (beside it) starts from that file's values; its own keys
         override them, section by section for ``sampling``, ``augment`` and ``loss``. A later stage of a
         run names its base and only what changes, so the recipe reads as stages, not copies."""
-        d, sources = _load_yaml_chain(Path(path))
+        d, sources = load_config_dict(path)
         d["source"] = " + ".join(sources)
         return cls.from_dict(d)
 
 
-def _load_yaml_chain(path: Path, depth: int = 0) -> tuple[dict[str, Any], list[str]]:
+def merge_config(cfg: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:
+    """``layer``'s keys over ``cfg``'s; a section (``sampling``, ``augment``, ``loss``) key by key."""
+    out = dict(cfg)
+    for k, v in layer.items():
+        out[k] = {**out[k], **v} if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config_dict(path: str | Path, depth: int = 0) -> tuple[dict[str, Any], list[str]]:
+    """A training config's YAML with its ``base:`` chain resolved, and the files read (base first)."""
     import yaml
 
+    path = Path(path)
     if depth > 8:
         raise ValueError(f"training config {path}: 'base' chain deeper than 8 (a cycle?)")
     with open(path, encoding="utf-8") as f:
@@ -135,13 +145,8 @@ def _load_yaml_chain(path: Path, depth: int = 0) -> tuple[dict[str, Any], list[s
     base = d.pop("base", None)
     if base is None:
         return d, [str(path)]
-    merged, sources = _load_yaml_chain(path.parent / base, depth + 1)
-    for k, v in d.items():
-        if k in ("sampling", "augment", "loss") and isinstance(v, dict):
-            merged[k] = {**(merged.get(k) or {}), **v}
-        else:
-            merged[k] = v
-    return merged, [*sources, str(path)]
+    merged, sources = load_config_dict(path.parent / base, depth + 1)
+    return merge_config(merged, d), [*sources, str(path)]
 
 
 # -- distributed ------------------------------------------------------------------------------------
