@@ -366,3 +366,18 @@ def test_a_config_stage_names_its_base_and_only_what_changes(tmp_path: Path) -> 
     s2 = FitConfig.load(CONFIG.parents[0] / "v2_stage2.yaml")
     assert replace(s2, sampling=s1.sampling, source="") == replace(s1, source="")
     assert dict(s2.sampling.kind_weights)["tool"] > dict(s1.sampling.kind_weights)["tool"]
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG.parent.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_training_config_loads(path: Path) -> None:
+    """A stage or ablation config with a broken base: chain or an unknown key fails here, not hours
+    into a background run. (v2_gpu.yaml is an override layer, merged by train.device_run.)"""
+    from train.fit import FitConfig
+
+    if path.name == "v2_gpu.yaml":
+        from train import device_run
+
+        device_run.merged_config(CONFIG.parent / "v2_stage2.yaml", [path], [])
+        return
+    cfg = FitConfig.load(path)
+    assert cfg.source.endswith(str(path))
