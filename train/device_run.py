@@ -6,8 +6,9 @@ runs the very same code (``--device cpu``):
 * ``split``/``merge``: a checkpoint leaves the machine in parts of at most 15 MiB (the tool brings back
   files of at most 16 MiB) with the whole file's SHA-256; merging checks it, so the result is
   byte-identical.
-* ``config``: the v2 run's current stage (stage 2, ``base:`` resolved) with the GPU overrides (``configs/train/v2_gpu.yaml``) and any
-  ``key=value`` on top, written as one YAML (``fit`` reads one file, unknown keys are errors).
+* ``config``: the v2 run's current stage (stage 2, ``base:`` resolved) with the GPU overrides
+  (``configs/train/v2_gpu.yaml``) and any ``key=value`` on top, written as one YAML (``fit`` reads
+  one file, unknown keys are errors).
 * ``fit``: ``fluorosam-train fit`` with the text encoder replaced by the run's text-feature bank. Why:
   training only ever indexes that bank (``train.fit`` builds it once), and the MiniLM weights (88 MB)
   cannot travel; a text the bank lacks is an error, never a guess.
