@@ -179,11 +179,10 @@ def test_resume_after_one_step_continues_exactly(toy: Path, tmp_path: Path) -> N
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
-def test_sigterm_checkpoints_and_auto_resume_continues_the_ledger(toy: Path, tmp_path: Path) -> None:
-    """A background run stopped by SIGTERM keeps its steps; ``--resume auto`` continues the ledger."""
-    import csv
+def _background_fit(toy: Path, tmp_path: Path, ckpt_every: int, log_lines: int):
+    """``fluorosam-train fit --resume auto`` as a background process, returned once ``log.csv`` has
+    ``log_lines`` lines; also returns its command, environment and run folder (to run it again)."""
     import os
-    import signal
     import subprocess
     import sys
     import time
@@ -191,7 +190,7 @@ def test_sigterm_checkpoints_and_auto_resume_continues_the_ledger(toy: Path, tmp
     import yaml
 
     cfg = yaml.safe_load(CONFIG.read_text())
-    cfg.update(max_steps=100000, ckpt_every=1000, log_every=1, text_cache=str(tmp_path / "tf.pt"))
+    cfg.update(max_steps=100000, ckpt_every=ckpt_every, log_every=1, text_cache=str(tmp_path / "tf.pt"))
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "run"
@@ -201,9 +200,19 @@ def test_sigterm_checkpoints_and_auto_resume_continues_the_ledger(toy: Path, tmp
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     log = out / "log.csv"
     deadline = time.time() + 120
-    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 4):
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < log_lines):
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         time.sleep(0.2)
+    return proc, cmd, env, out
+
+
+def test_sigterm_checkpoints_and_auto_resume_continues_the_ledger(toy: Path, tmp_path: Path) -> None:
+    """A background run stopped by SIGTERM keeps its steps; ``--resume auto`` continues the ledger."""
+    import csv
+    import signal
+    import subprocess
+
+    proc, cmd, env, out = _background_fit(toy, tmp_path, ckpt_every=1000, log_lines=4)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0
     state = torch.load(out / "last.pt", weights_only=False)
@@ -274,30 +283,12 @@ def test_sigkill_leaves_a_ledger_row_up_to_the_last_checkpoint(toy: Path, tmp_pa
     """A run killed without a signal handler running (SIGKILL, a machine taken back) still has its
     segment in the ledger: fit records the row at every checkpoint, and it ends where last.pt does,
     which is where ``--resume auto`` continues."""
-    import os
     import signal
     import subprocess
-    import sys
-    import time
-
-    import yaml
 
     from train.fit import ledger_totals, read_ledger
 
-    cfg = yaml.safe_load(CONFIG.read_text())
-    cfg.update(max_steps=100000, ckpt_every=2, log_every=1, text_cache=str(tmp_path / "tf.pt"))
-    cfg_path = tmp_path / "cfg.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg))
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "train.cli", "fit", "--config", str(cfg_path), "--data", str(toy)]
-    cmd += ["--out", str(out), "--resume", "auto", "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    log = out / "log.csv"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 6):
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        time.sleep(0.2)
+    proc, cmd, env, out = _background_fit(toy, tmp_path, ckpt_every=2, log_lines=6)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     step = int(torch.load(out / "last.pt", weights_only=False)["step"])
