@@ -233,17 +233,19 @@ class GeometryStage:
                 out.append(empty_geometry("empty mask"))
                 parts.append([])
                 continue
-            mask, d = masks[i], downsample
             stride = self.options.trace_stride if kinds[i] is None else 1
             o = None
             if stride > 1:
-                grid, grid_roi = strided(mask, roi, stride)
-                o = outline_mask(grid, d * stride, spacing, self.outline_settings, grid_roi, source_hw)
+                grid, grid_roi = strided(masks[i], roi, stride)
+                o = outline_mask(
+                    grid, downsample * stride, spacing, self.outline_settings, grid_roi, source_hw
+                )
                 if not o.geometry.instances and not o.geometry.specks:
                     o = None  # the mask is smaller than the grid: trace it whole
             if o is None:
+                dense = kinds[i] is not None
                 o = outline_mask(
-                    mask, d, spacing, self.outline_settings, roi, source_hw, dense=kinds[i] is not None
+                    masks[i], downsample, spacing, self.outline_settings, roi, source_hw, dense=dense
                 )
             out.append(o.geometry)
             parts.append(o.parts)
