@@ -579,12 +579,20 @@ return [h, c.width, c.height, lo, hi];
 """
 
 
+def _ids(d, selector: str) -> list[str]:
+    """The elements' data-id values, read in one script: the page redraws its lists every frame,
+    so element handles fetched one call earlier can already be gone (stale)."""
+    return d.execute_script(
+        "return Array.from(document.querySelectorAll(arguments[0]), e => e.getAttribute('data-id'))", selector
+    )
+
+
 def test_page_loads_with_legend_figures_and_drops(live):
     d = live["driver"]
     assert d.title == "fluorosam-rt live view"
     _until(d, lambda d: _text(d, "#conn") == "live", what="the WebSocket")
     _until(d, lambda d: _frames_drawn(d) >= 2, what="frames drawn")
-    legend = [e.get_attribute("data-id") for e in d.find_elements("css selector", "#legend li")]
+    legend = _ids(d, "#legend li")
     assert legend == ["left lung", "heart"]
     _until(d, lambda d: _text(d, "#fps") not in ("–", "0.0"), what="fps")
     _until(d, lambda d: _text(d, "#lat-p99").endswith("ms"), what="latency")
@@ -646,7 +654,7 @@ def test_bad_request_shows_an_error_and_changes_nothing(live):
     assert "bad_prompt" in _text(d, "#reply")
     assert [p.id for p in app.node.prompts.snapshot()] == before
     assert _prompt_ids(sub) == before
-    assert [e.get_attribute("data-id") for e in d.find_elements("css selector", "#prompts li")] == before
+    assert _ids(d, "#prompts li") == before
 
 
 def test_two_tabs_watch_at_once(live):
