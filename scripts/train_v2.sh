@@ -16,7 +16,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 run="${RUN:-runs/v2}"
-config="${CONFIG:-configs/train/v2_stage2.yaml}"  # stage 1 ran steps 0-10.7k (see the ledger config column)
+config="${CONFIG:-configs/train/v2_stage3.yaml}"  # stage 1: steps 0-10.7k, stage 2: to 18.1k (ledger config column)
 read -r -a data <<<"${DATA:---data out/chest1k2 --data out/mb/chunk_*}"
 mkdir -p "$run"
 pidfile="$run/train.pid"
