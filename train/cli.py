@@ -359,6 +359,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     add_export_parser(sub)
 
 
+def _add_curves(sub: argparse._SubParsersAction) -> None:
+    from train.train_cli import add_curves_parser
+
+    add_curves_parser(sub)
+
+
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     from train.train_cli import add_eval_parser
 
@@ -378,6 +384,7 @@ _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_synth_sweep,
     _add_fit,
     _add_export,
+    _add_curves,
     _add_eval,
     _add_bodies,
 ]

@@ -58,6 +58,24 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_curves_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("curves", help="plot a run's loss and lr by step, stages and segments marked")
+    p.add_argument("--run", required=True, help="run folder (with log.csv and ledger.csv)")
+    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--window", type=int, default=100, help="logged steps in the smoothing mean")
+    p.set_defaults(func=_run_curves)
+
+
+def _run_curves(args: argparse.Namespace) -> int:
+    from train.curves import plot_run
+
+    try:
+        print(plot_run(args.run, args.out, args.window))
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"fluorosam-train curves: {exc}") from None
+    return 0
+
+
 def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint (Dice/IoU, clicks, absent FP rate)")
     p.add_argument("--checkpoint", default=None, help="model file (default: the embedded model)")
