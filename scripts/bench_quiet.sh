@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Every speed figure the open issues ask for, in one sitting on a quiet machine, into one folder.
 #
-#   bash scripts/bench_quiet.sh OUTDIR [V2_CHECKPOINT]
+#   bash scripts/bench_quiet.sh OUTDIR [V2_CHECKPOINT] [V1_CHECKPOINT]
+#
+# V2_CHECKPOINT defaults to the embedded model (v2 since 2026-12-07); V1_CHECKPOINT to v1 as it was
+# shipped, read from git (commit d935b98, the last change of the v1 embedded file).
 #
 # Pauses the background training and data jobs first (scripts/train_v2.sh stop checkpoints the run;
 # scripts/synth_v2_data.sh stop discards the chunk in progress) and does not restart them: the
 # caller does, so nothing competes with the figures. Waits until the 1-minute load average is under
 # 1.0 (or 3 minutes), records the load before and after each step, then runs, each writing JSON:
-#   node/        fluorosam-rt bench: v1 (embedded) and v2 side by side, onnxruntime, 15 fps, K=3,10,
+#   node/        fluorosam-rt bench: v1 and v2 side by side, onnxruntime, 15 fps, K=3,10,
 #                both at full work (every prompt present)
 #   geometry/    fluorosam-rt bench --quick: the geometry stage's cost per sub-stage (K=10)
 #   web/         the web viewer's cost to the other subscribers (python -m fluorosam_rt.bench.web_cost)
@@ -18,9 +21,14 @@
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-out="${1:?usage: $0 OUTDIR [V2_CHECKPOINT]}"
-v2="${2:-runs/v2/model.safetensors}"
-mkdir -p "$out"
+out="${1:?usage: $0 OUTDIR [V2_CHECKPOINT] [V1_CHECKPOINT]}"
+v2="${2:-fluorosam_rt/assets/default_model.safetensors}"
+v1="${3:-}"
+mkdir -p "$out/models"
+if [ -z "$v1" ]; then
+  v1="$out/models/v1_shipped.safetensors"
+  git show d935b98:fluorosam_rt/assets/default_model.safetensors >"$v1"
+fi
 py=.venv/bin/python
 log="$out/bench_quiet.log"
 note() { echo "[bench_quiet] $(date -u +%FT%TZ) load $(cut -d' ' -f1-3 /proc/loadavg): $*" | tee -a "$log"; }
@@ -31,12 +39,12 @@ for _ in $(seq 1 36); do
   awk '{exit !($1 < 1.0)}' /proc/loadavg && break
   sleep 5
 done
-note "start (v2 checkpoint: $v2)"
+note "start (v1: $v1, v2: $v2)"
 # The latency comparison runs both models at full work: copies whose presence threshold is -1e9, so
 # every prompt yields a mask on every frame (an uncalibrated or undertrained model would otherwise
 # gate prompts away and look cheaper than it is).
 mkdir -p "$out/models"
-"$py" - "$out/models" fluorosam_rt/assets/default_model.safetensors "$v2" <<'PY'
+"$py" - "$out/models" "$v1" "$v2" <<'PY'
 import json, sys
 from pathlib import Path
 from safetensors import safe_open
