@@ -3,8 +3,8 @@
 # screw) and write, per image, OUTDIR/<id>/ (masks, overlay.png, result.json, the segment log)
 # and a contact sheet OUTDIR/sheet_<id>.png (the image, then one panel per prompt with its name,
 # score, present/absent and area).
-#   bash scripts/real_overlays.sh embedded out/real_overlays_v1
-#   bash scripts/real_overlays.sh runs/v2/model.safetensors out/real_overlays_v2
+#   bash scripts/real_overlays.sh embedded out/real_overlays
+#   bash scripts/real_overlays.sh path/to/model.safetensors out/real_overlays_x
 # MODEL: "embedded" (the shipped default model) or a .safetensors path. Run
 # scripts/fetch_real_images.sh first. Looking only: never train or tune on these images.
 set -euo pipefail
