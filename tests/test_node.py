@@ -460,9 +460,13 @@ def test_demo_runs_on_a_given_checkpoint_and_clip(tmp_path, checkpoint, capsys, 
         "8",
         "--out",
         str(gif),
+        "--engine",
+        "torch",
     ]
     assert main(["demo", *args]) == 0
-    summary = json.loads(capsys.readouterr().out.split("demo summary: ")[1])
+    out = capsys.readouterr().out
+    assert "engine torch," in out  # the demo runs on the back end it was given, and says which
+    summary = json.loads(out.split("demo summary: ")[1])
     assert summary["frames_in"] == 8
     assert summary["published"] + sum(summary["dropped"].values()) == 8
     assert summary["subscriber_received"] >= 1

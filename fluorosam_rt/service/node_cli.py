@@ -340,7 +340,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         {
             "stream": "demo",
             "source": {"kind": "replay", "path": str(clip), "fps": args.fps, "loop": args.loop},
-            "model": {"checkpoint": checkpoint, "threads": args.threads},
+            "model": {"checkpoint": checkpoint, "threads": args.threads, "engine": args.engine},
             "publish": {
                 "endpoints": [endpoint, *(args.publish or [])],
                 "include_image": True,
@@ -379,7 +379,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     follower.start()
     time.sleep(0.2)  # let the subscription reach the publisher before the first frame
     print(
-        f"demo: model {app.bundle.name}, clip {clip}, prompts {[p.text for p in app.node.prompts.snapshot()]}"
+        f"demo: model {app.bundle.name}, engine {app.node.predictor.engine.name}, clip {clip}, "
+        f"prompts {[p.text for p in app.node.prompts.snapshot()]}"
     )
     t0 = time.monotonic()
     app.start()
@@ -529,6 +530,12 @@ def add_node_commands(sub: Any) -> None:
     demo.add_argument("--loop", action="store_true", help="keep replaying until Ctrl-C")
     demo.add_argument("--downsample", type=int, default=1)
     demo.add_argument("--threads", type=int, default=0)
+    demo.add_argument(
+        "--engine",
+        default="auto",
+        help="auto, trt, torch-compiled, onnxruntime or torch (default auto: the fastest that loads, "
+        "ONNX Runtime on a CPU-only machine)",
+    )
     demo.add_argument("--control", default=None, help="also serve the control socket here")
     demo.add_argument("--publish", action="append", help="also publish the mask stream here (the web viewer)")
     demo.add_argument("--out", default="fluorosam-demo.gif", help="overlay animation (.gif, .mp4, .avi)")
