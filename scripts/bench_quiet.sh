@@ -43,7 +43,6 @@ note "start (v1: $v1, v2: $v2)"
 # The latency comparison runs both models at full work: copies whose presence threshold is -1e9, so
 # every prompt yields a mask on every frame (an uncalibrated or undertrained model would otherwise
 # gate prompts away and look cheaper than it is).
-mkdir -p "$out/models"
 "$py" - "$out/models" "$v1" "$v2" <<'PY'
 import json, sys
 from pathlib import Path

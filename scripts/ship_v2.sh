@@ -9,7 +9,8 @@
 #    fluorosam_rt/assets/default_model.safetensors, precompute the vocabulary's prompt tokens and the
 #    "did you mean" table (OUTDIR/ship.txt);
 # 3. every issue-16 target of the shipped file, uncapped, with its own threshold (eval_v2.sh
-#    --no-calibrate: the threshold train.ship wrote is the one under test) -> OUTDIR/eval/targets.md;
+#    --no-calibrate: the threshold train.ship wrote is the one under test) -> OUTDIR/eval/targets.md,
+#    and its summaries (no per-case rows) -> fluorosam_rt/assets/default_model.metrics.json;
 # 4. overlays of the real X-rays of configs/real_images.yaml (looking only) -> OUTDIR/real_overlays/;
 # 5. the run's training curves -> OUTDIR/curves.png.
 # Stop the training first (bash scripts/train_v2.sh stop): the export reads last.pt as it is.
@@ -30,6 +31,22 @@ step "evaluate the shipped model"
 bash scripts/eval_v2.sh fluorosam_rt/assets/default_model.safetensors "$out/eval" --no-calibrate \
   >"$out/eval.log" 2>&1
 tail -n 40 "$out/eval/targets.md"
+step "metrics summary -> fluorosam_rt/assets/default_model.metrics.json"
+.venv/bin/python - "$out/eval" <<'PY'
+import json, sys
+from pathlib import Path
+ev = Path(sys.argv[1])
+doc = {"_about": f"Metrics of fluorosam_rt/assets/default_model.safetensors: python -m train.eval_suite run "
+       f"--checkpoint fluorosam_rt/assets/default_model.safetensors --out {ev} --no-calibrate (scripts/ship_v2.sh); "
+       "see docs/model_card.md. Per-case rows are omitted."}
+for split in ("real_chest", "heldout_body", "tools"):
+    d = json.loads((ev / f"{split}.json").read_text())
+    for k in ("cases", "paraphrase_cases", "montage", "reliability_plot"):
+        d.pop(k, None)
+    doc[split] = d
+doc["targets"] = json.loads((ev / "targets.json").read_text())
+Path("fluorosam_rt/assets/default_model.metrics.json").write_text(json.dumps(doc, indent=1) + "\n")
+PY
 step "real-image overlays"
 bash scripts/real_overlays.sh embedded "$out/real_overlays" >"$out/real_overlays.log" 2>&1
 step "training curves"

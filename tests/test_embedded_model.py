@@ -22,6 +22,7 @@ from fluorosam_rt.predictor import token_identity
 from fluorosam_rt.prompt_hints import load_vocabulary
 from fluorosam_rt.text.base import normalize_prompt
 from train.data import open_dataset
+from train.evaluate import dice_iou
 
 REPO = Path(__file__).resolve().parents[1]
 # Eight real radiographs spread over the shared set. Evaluation only: nothing here feeds back into the model.
@@ -58,12 +59,6 @@ def test_every_canonical_prompt_and_synonym_is_in_the_shipped_cache_for_this_mod
     assert not missing, missing[:5]
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(bool), b.astype(bool)
-    s = a.sum() + b.sum()
-    return 1.0 if s == 0 else 2.0 * float((a & b).sum()) / float(s)
-
-
 def test_real_radiographs_get_each_lung_on_its_own_side(bundle, shared_dir):
     ds = open_dataset(shared_dir / "data" / "chest-xray-hannover")
     predictor = bundle.predictor()
@@ -75,7 +70,7 @@ def test_real_radiographs_get_each_lung_on_its_own_side(bundle, shared_dir):
         predictor.set_image(case.image)
         results = predictor.predict(["lungs", "left lung", "right lung"])
         for n, r in zip(names, results):
-            dice[n].append(_dice(r.mask, case.masks[n]))
+            dice[n].append(dice_iou(r.mask.astype(bool), case.masks[n].astype(bool))[0])
         left, right = results[1].mask, results[2].mask
         assert left.any(), f"case {case.id}: the left lung was reported absent"
         assert right.any(), f"case {case.id}: the right lung was reported absent"
