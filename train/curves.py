@@ -94,7 +94,7 @@ def plot_run(run: str | Path, out: str | Path, window: int = 100) -> Path:
     for name, color in (("loss", "k"), ("mask", "tab:blue"), ("absent", "tab:red")):
         label = f"{name}, mean of {window}"
         ax.plot(s, smooth(curves.values[name], window), color=color, lw=1.2, label=label)
-    top = float(np.percentile(curves.values["loss"], 99)) if s.size else 1.0
+    top = float(np.percentile(curves.values["loss"], 99))  # read_log refuses an empty log
     ax.set_ylim(0, top * 1.05)
     ax.set_ylabel("loss")
     ax_lr.plot(s, curves.values["lr"], color="tab:green")
